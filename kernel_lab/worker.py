@@ -1,0 +1,104 @@
+"""Child-process entry point of the sandbox: `python -m kernel_lab.worker RESULT_FD`.
+
+Reads one JSON request {"target", "kwargs", "nonce", "address_space_limit"} from stdin, imports
+"package.module:function", calls it with kwargs and writes one JSON line {"nonce", "ok", "value" |
+"error", "traceback"} to the file descriptor RESULT_FD. Only `kernel_lab.sandbox.run_task` starts it.
+"""
+
+import faulthandler
+import importlib
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+HARNESS_DIR = str(Path(__file__).resolve().parent)
+
+
+def _limit_resources(address_space_limit):
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a segfaulting candidate leaves no core file
+    if address_space_limit:
+        resource.setrlimit(resource.RLIMIT_AS, (address_space_limit, address_space_limit))
+
+
+def _is_harness_file(filename):
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix}
+    return filename.startswith(HARNESS_DIR) or any(filename.startswith(p) for p in prefixes) \
+        or filename.startswith("<frozen")
+
+
+def culprit_line(exc):
+    """Where the error arose in user code: 'file.py:LINE: source' (innermost non-harness frame)."""
+    if isinstance(exc, SyntaxError) and exc.filename and exc.lineno:
+        text = (exc.text or "").strip()
+        return f"{Path(exc.filename).name}:{exc.lineno}: {text}" if text else \
+            f"{Path(exc.filename).name}:{exc.lineno}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        if not _is_harness_file(frame.filename):
+            source = (frame.line or "").strip()
+            return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}: {source}"
+    return None
+
+
+def describe_exception(exc):
+    """One line: 'Type: message (at file.py:LINE in func: source)'."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, SyntaxError):
+        message = exc.msg
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    where = culprit_line(exc)
+    return f"{text} (at {where})" if where else text
+
+
+def main():
+    result_fd = int(sys.argv[1])
+    request = json.loads(sys.stdin.read())
+    sys.stdin.close()
+    sys.stdin = open(os.devnull)
+    nonce = request.pop("nonce")
+    result_pipe = os.fdopen(result_fd, "w")
+    faulthandler.enable()  # stack dump on SIGSEGV / SIGABRT ...
+    faulthandler.register(signal.SIGTERM, chain=True)  # ... and on the parent's timeout
+    _limit_resources(request.get("address_space_limit"))
+
+    message = {"nonce": nonce}
+    try:
+        module_name, _, function_name = request["target"].partition(":")
+        function = getattr(importlib.import_module(module_name), function_name)
+        message.update(ok=True, value=function(**request["kwargs"]))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        where = culprit_line(exc)
+        message.update(ok=False, traceback=traceback.format_exc(),
+                       error=f"exited with status {code} (sys.exit in the candidate"
+                             + (f" at {where})" if where else ")"))
+    except BaseException as exc:  # noqa: BLE001 - everything the candidate raises is reported
+        message.update(ok=False, error=describe_exception(exc), traceback=traceback.format_exc())
+    result_pipe.write(_safe_dumps(message) + "\n")
+    result_pipe.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - the candidate may have closed or replaced it
+            pass
+    os._exit(0)  # skip interpreter teardown: atexit hooks of the candidate do not run
+
+
+def _safe_dumps(message):
+    try:
+        return json.dumps(message)
+    except (TypeError, ValueError) as exc:
+        fallback = {"nonce": message["nonce"], "ok": False,
+                    "error": f"the task's result is not JSON-serializable: {exc}"}
+        return json.dumps(fallback)
+
+
+if __name__ == "__main__":
+    main()
