@@ -1,0 +1,419 @@
+"""Install a program's kernels into an mlx-lm model, in place (cf. Liger-Kernel's
+`apply_liger_kernel_to_*`).
+
+Modules keep their parameters and names; only their class is swapped for a
+subclass whose `__call__` routes through the kernel, so adapters trained on a
+patched model load in plain mlx-lm, and `restore_stock` swaps the classes back.
+
+Two ways of routing:
+- RMSNorm, RoPE and SwiGLU modules run their own, unchanged `__call__` code with
+  its globals rebound: `mx.fast.rms_norm` / `mx.fast.rope` / `swiglu` resolve to
+  the kernel. This covers every family (nn.RMSNorm, Gemma's `1 + weight` norm,
+  nn.RoPE and all of mlx-lm's `freqs` RoPE variants, each family's MLP) without
+  copying any of them, and whatever else that code does stays exactly as is.
+- LoRA / DoRA linears get an explicit `__call__` that calls `lora_linear` /
+  `dora_linear` with the module's tensors.
+The training loss is returned as a function for `mlx_lm.tuner.trainer.train(loss=...)`.
+Everything stays plain Python calls on mx arrays, so it traces under `mx.compile`.
+"""
+
+import inspect
+import re
+import types
+from collections import Counter
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+
+KINDS = ("rms_norm", "rope", "swiglu", "lora_linear", "dora_linear", "loss")
+
+
+class PatchError(ValueError):
+    """The model cannot be patched at all (e.g. not an mlx-lm language model)."""
+
+
+@dataclass
+class PatchReport:
+    """What `apply_kernels` changed: counts per kind, and what it left stock and why."""
+
+    model_type: str = "?"
+    patched: Counter = field(default_factory=Counter)
+    stock: list = field(default_factory=list)  # (module path, kind, reason)
+    loss: str = "stock"  # "linear_cross_entropy", "cross_entropy" or "stock"
+    loss_reason: str = ""
+
+    def left_stock(self, kind=None):
+        return [s for s in self.stock if kind is None or s[1] == kind]
+
+    @property
+    def fully_patched(self):
+        return not self.stock and self.loss == "linear_cross_entropy"
+
+    def as_dict(self):
+        return {
+            "model_type": self.model_type,
+            "patched": dict(self.patched),
+            "stock": [list(s) for s in self.stock],
+            "loss": self.loss,
+            "loss_reason": self.loss_reason,
+        }
+
+    def __str__(self):
+        lines = [f"Kernel patch report ({self.model_type}):"]
+        for kind in KINDS[:-1]:
+            n = self.patched.get(kind, 0)
+            left = self.left_stock(kind)
+            line = f"  {kind:<12} {n:>4} patched"
+            if left:
+                line += f", {len(left)} left stock"
+            lines.append(line)
+        loss = f"  loss         {self.loss}"
+        if self.loss_reason:
+            loss += f" ({self.loss_reason})"
+        lines.append(loss)
+        # Group the stock modules by reason so a 30-layer model prints a few lines.
+        by_reason = {}
+        for path, kind, reason in self.stock:
+            by_reason.setdefault((kind, reason), []).append(path)
+        for (kind, reason), paths in by_reason.items():
+            shown = ", ".join(paths[:3]) + (f", ... ({len(paths)} modules)" if len(paths) > 3 else "")
+            lines.append(f"  stock {kind}: {reason}: {shown}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- rebinding
+
+
+class _FastProxy:
+    """Stands in for `mx.fast`: the patched names go to the kernels, the rest to MLX."""
+
+    def __init__(self, overrides):
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name):
+        return getattr(mx.fast, name)
+
+
+class _MxProxy:
+    """Stands in for the `mx` module inside one rebound `__call__`."""
+
+    def __init__(self, fast):
+        self.fast = fast
+
+    def __getattr__(self, name):
+        return getattr(mx, name)
+
+
+def _rebind(fn, **names):
+    """A copy of function `fn` whose global `names` are replaced."""
+    glb = dict(fn.__globals__)
+    glb.update(names)
+    new = types.FunctionType(fn.__code__, glb, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__ = fn.__qualname__
+    return new
+
+
+def _source(fn):
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return ""
+
+
+def _kernel_rms_norm(kernels):
+    def rms_norm(x, weight, eps):
+        return kernels.rms_norm(x, weight, eps)
+
+    return rms_norm
+
+
+def _kernel_rope(kernels):
+    def rope(x, dims, *, traditional, base, scale, offset, freqs=None):
+        return kernels.rope(
+            x, dims, traditional=traditional, base=base, scale=scale, offset=offset, freqs=freqs
+        )
+
+    return rope
+
+
+_WEIGHTLESS_NORM = re.compile(r"rms_norm\(\s*[^,()]+,\s*(weight\s*=\s*)?None\b")
+
+
+def _classify(module):
+    """(kind, reason): kind is what a rebinding can patch; reason says why not (or "")."""
+    cls = type(module)
+    fn = cls.__call__
+    src = _source(fn)
+    code = getattr(fn, "__code__", None)
+    names = code.co_names if code else ()
+    if "mx.fast.rms_norm(" in src:
+        if src.count("mx.fast.rms_norm(") > 1:
+            return "rms_norm", f"{cls.__name__} calls rms_norm more than once"
+        if _WEIGHTLESS_NORM.search(src):
+            return "rms_norm", f"{cls.__name__} normalizes without a weight (the kernel takes one)"
+        return "rms_norm", ""
+    if "mx.fast.rope(" in src:
+        return "rope", ""
+    if "swiglu" in names:
+        return "swiglu", ""
+    name = cls.__name__
+    if "RMSNorm" in name:
+        return "rms_norm", f"{name} does not call mx.fast.rms_norm directly"
+    if "RoPE" in name or "Rotary" in name:
+        return "rope", f"{name} does not call mx.fast.rope directly"
+    if name.endswith("MLP"):
+        acts = [n for n in ("gelu_approx", "gelu", "silu", "relu2", "relu") if n in names]
+        if acts:
+            what = "GeGLU" if acts[0].startswith("gelu") else f"{acts[0]} inline"
+            return "swiglu", f"{name} is {what} ({acts[0]}), not a swiglu() call"
+        return "swiglu", f"{name} has no swiglu() call"
+    return None, ""
+
+
+# ---------------------------------------------------------------- LoRA / DoRA
+
+
+def _dropout_p(module):
+    keep = getattr(module.dropout, "_p_1", 1.0)
+    return 1.0 - keep
+
+
+def _base_tensors(linear):
+    """(weight, scales, biases, group_size, bits, bias) of an nn.Linear / affine QuantizedLinear."""
+    bias = linear["bias"] if "bias" in linear else None
+    if isinstance(linear, nn.QuantizedLinear):
+        return (linear["weight"], linear["scales"], linear.get("biases"),
+                linear.group_size, linear.bits, bias)
+    return linear["weight"], None, None, None, None, bias
+
+
+def _lora_call(self, x):
+    w, scales, biases, group_size, bits, bias = _base_tensors(self.linear)
+    return type(self)._kernels.lora_linear(
+        x, w, scales, biases, self.lora_a, self.lora_b, self.scale,
+        group_size=group_size, bits=bits, bias=bias,
+    )
+
+
+def _dora_call(self, x):
+    w, scales, biases, group_size, bits, bias = _base_tensors(self.linear)
+    return type(self)._kernels.dora_linear(
+        x, w, scales, biases, self.lora_a, self.lora_b, self.scale, self.m,
+        group_size=group_size, bits=bits, bias=bias,
+    )
+
+
+def _lora_unsupported(module):
+    """Why a LoRA/DoRA module must stay stock, or ""."""
+    linear = module.linear
+    if _dropout_p(module) > 0:
+        return f"dropout p={_dropout_p(module):g} (the kernel has no dropout)"
+    if isinstance(linear, nn.QuantizedLinear):
+        mode = getattr(linear, "mode", "affine")
+        if mode != "affine":
+            return f"base quantized in mode {mode!r} (the kernel takes affine scales/biases)"
+        return ""
+    if type(linear) is nn.Linear:
+        return ""
+    return f"base layer {type(linear).__name__} is neither nn.Linear nor nn.QuantizedLinear"
+
+
+# ---------------------------------------------------------------- class swap
+
+_CLASS_CACHE = {}
+
+
+def _patched_class(cls, kind, kernels, call):
+    """One subclass per (stock class, kernels): same name, new `__call__`."""
+    key = (cls, kind, id(kernels))
+    if key not in _CLASS_CACHE:
+        _CLASS_CACHE[key] = type(
+            cls.__name__,
+            (cls,),
+            {
+                "__call__": call,
+                "__module__": cls.__module__,
+                "_stock_class": cls,
+                "_kernel_kind": kind,
+                "_kernels": kernels,
+            },
+        )
+    return _CLASS_CACHE[key]
+
+
+def is_patched(module):
+    return "_stock_class" in type(module).__dict__
+
+
+def stock_class(module):
+    cls = type(module)
+    return cls.__dict__.get("_stock_class", cls)
+
+
+def restore_stock(model, kinds=None):
+    """Swap patched modules back to their stock classes (all, or only `kinds`); returns a count."""
+    n = 0
+    for _, m in model.named_modules():
+        if is_patched(m) and (kinds is None or type(m)._kernel_kind in kinds):
+            m.__class__ = stock_class(m)
+            n += 1
+    return n
+
+
+def patched_modules(model):
+    """[(path, kind, module)] of every patched module, in the model's order."""
+    return [(p, type(m)._kernel_kind, m) for p, m in model.named_modules() if is_patched(m)]
+
+
+def _call_for(kind, cls, kernels):
+    if kind == "rms_norm":
+        fast = _FastProxy({"rms_norm": _kernel_rms_norm(kernels)})
+        return _rebind(cls.__call__, mx=_MxProxy(fast))
+    if kind == "rope":
+        fast = _FastProxy({"rope": _kernel_rope(kernels)})
+        return _rebind(cls.__call__, mx=_MxProxy(fast))
+    if kind == "swiglu":
+        return _rebind(cls.__call__, swiglu=kernels.swiglu)
+    raise AssertionError(kind)
+
+
+def _lora_classes():
+    from mlx_lm.tuner.dora import DoRALinear
+    from mlx_lm.tuner.lora import LoRALinear
+
+    return LoRALinear, DoRALinear
+
+
+# ---------------------------------------------------------------- loss
+
+_HEAD_CALL = re.compile(
+    r"out=self\.model\((?P<args>[^)]*)\)"
+    r"if(?P<flag>self\.args\.tie_word_embeddings|self\.tie_word_embeddings):"
+    r"out=self\.model\.embed_tokens\.as_linear\(out\)"
+    r"else:out=self\.lm_head\(out\)returnout"
+)
+
+
+def _head_tensors(head):
+    """Kernel arguments of a head module, read live (the arrays may be replaced)."""
+    if isinstance(head, (nn.QuantizedEmbedding, nn.QuantizedLinear)):
+        return dict(weight=head["weight"], scales=head["scales"], biases=head.get("biases"),
+                    group_size=head.group_size, bits=head.bits)
+    return dict(weight=head["weight"])
+
+
+def _head_of(model):
+    """(function model -> head module, "") for a plain hidden -> logits head, or (None, why not)."""
+    src = _source(type(model).__call__)
+    flat = re.sub(r"\s+", "", re.sub(r"#[^\n]*", "", src))
+    flat = flat[flat.find("out=self.model(") :] if "out=self.model(" in flat else flat
+    match = _HEAD_CALL.fullmatch(flat)
+    if match is None:
+        return None, (
+            f"{type(model).__module__}.Model.__call__ is not the plain "
+            "`model(...) -> embed_tokens.as_linear / lm_head` head (it post-processes logits "
+            "or differs), so the loss runs on the model's own logits"
+        )
+    if match["flag"] == "self.args.tie_word_embeddings":
+        tied = model.args.tie_word_embeddings
+    else:
+        tied = model.tie_word_embeddings
+    head = model.model.embed_tokens if tied else model.lm_head
+    name = "tied embed_tokens" if tied else "lm_head"
+    if isinstance(head, (nn.QuantizedEmbedding, nn.QuantizedLinear)):
+        if getattr(head, "mode", "affine") != "affine":
+            return None, f"{name} is quantized in mode {head.mode!r}"
+    elif type(head) not in (nn.Embedding, nn.Linear):
+        return None, f"{name} is a {type(head).__name__} (LoRA on the head?), not a plain linear"
+    if "bias" in head:
+        return None, f"{name} has a bias"
+    if tied:
+        return (lambda m: m.model.embed_tokens), ""
+    return (lambda m: m.lm_head), ""
+
+
+def _mask(targets, lengths):
+    """mlx-lm's default_loss mask: positions offset < step <= length."""
+    steps = mx.arange(1, targets.shape[1] + 1)
+    return mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
+
+
+def make_loss(model, kernels):
+    """(loss_fn, kind, reason): mlx-lm's default_loss computed with the program's kernels.
+
+    kind "linear_cross_entropy" fuses the head into the loss (hidden state and the
+    head's weight, quantized or not); "cross_entropy" runs the kernel on the model's
+    own logits, kept for heads that post-process logits (softcapping, scaling).
+    """
+    get_head, why = _head_of(model)
+    if get_head is not None:
+
+        def loss(model, batch, lengths):
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            hidden = model.model(inputs)
+            tensors = _head_tensors(get_head(model))
+            q = {k: tensors[k] for k in ("scales", "biases", "group_size", "bits") if k in tensors}
+            per_token = kernels.linear_cross_entropy(
+                hidden.reshape(-1, hidden.shape[-1]), tensors["weight"], targets.reshape(-1), **q
+            ).reshape(targets.shape)
+            mask = _mask(targets, lengths)
+            ntoks = mask.sum()
+            return (per_token * mask).astype(mx.float32).sum() / ntoks, ntoks
+
+        return loss, "linear_cross_entropy", ""
+
+    def loss(model, batch, lengths):
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = model(inputs)
+        mask = _mask(targets, lengths)
+        per_token = kernels.cross_entropy(logits, targets)
+        ntoks = mask.sum()
+        return (per_token * mask).astype(mx.float32).sum() / ntoks, ntoks
+
+    return loss, "cross_entropy", why
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def apply_kernels(model, kernels, *, loss=True):
+    """Install `kernels` (a contract namespace) into `model` in place.
+
+    Call it after `linear_to_lora_layers` so the LoRA/DoRA layers exist. Returns a
+    PatchReport; with loss=True, `report.loss_fn` is the loss for `trainer.train`.
+    A module already patched is re-patched with the new kernels.
+    """
+    if not isinstance(model, nn.Module) or not hasattr(model, "layers"):
+        raise PatchError("apply_kernels needs an mlx-lm language model (an nn.Module with .layers)")
+    LoRALinear, DoRALinear = _lora_classes()
+    report = PatchReport(model_type=str(getattr(model, "model_type", type(model).__module__)))
+    restore_stock(model)
+    for path, module in model.named_modules():
+        cls = type(module)
+        if isinstance(module, (LoRALinear, DoRALinear)):
+            kind = "dora_linear" if isinstance(module, DoRALinear) else "lora_linear"
+            if cls not in (LoRALinear, DoRALinear):
+                report.stock.append((path, kind, f"{cls.__name__} subclasses {kind}'s stock class"))
+                continue
+            why = _lora_unsupported(module)
+            if why:
+                report.stock.append((path, kind, why))
+                continue
+            call = _dora_call if kind == "dora_linear" else _lora_call
+            module.__class__ = _patched_class(cls, kind, kernels, call)
+            report.patched[kind] += 1
+            continue
+        kind, why = _classify(module)
+        if kind is None:
+            continue
+        if why:
+            report.stock.append((path, kind, why))
+            continue
+        module.__class__ = _patched_class(cls, kind, kernels, _call_for(kind, cls, kernels))
+        report.patched[kind] += 1
+    report.loss_fn = None
+    if loss:
+        report.loss_fn, report.loss, report.loss_reason = make_loss(model, kernels)
+    return report
