@@ -228,7 +228,8 @@ _CLASS_CACHE = {}
 def _patched_class(cls, kind, kernels, call):
     """One subclass per (stock class, kernels): same name, new `__call__`."""
     key = (cls, kind, id(kernels))
-    if key not in _CLASS_CACHE:
+    cached = _CLASS_CACHE.get(key)
+    if cached is None or cached._kernels is not kernels:  # ids of dead objects get reused
         _CLASS_CACHE[key] = type(
             cls.__name__,
             (cls,),
@@ -244,12 +245,12 @@ def _patched_class(cls, kind, kernels, call):
 
 
 def is_patched(module):
-    return "_stock_class" in type(module).__dict__
+    return hasattr(type(module), "_stock_class")
 
 
 def stock_class(module):
-    cls = type(module)
-    return cls.__dict__.get("_stock_class", cls)
+    """The mlx-lm class a (possibly patched) module had before patching."""
+    return getattr(type(module), "_stock_class", type(module))
 
 
 def restore_stock(model, kinds=None):
