@@ -15,6 +15,7 @@ that first goes non-finite when a replay finds it), "oom" or "error" (with
 the kernel and module whose code raised, when it is a patched one).
 """
 
+import json
 import math
 import re
 import tempfile
@@ -385,4 +386,33 @@ def train_once(model=None, program=None, *, fine_tune_type="lora", iters=8, batc
                         if mx.issubdtype(v.dtype, mx.floating)), None)),
         device=str(mx.default_device()),
     )
+    return record
+
+
+def model_family(model_spec):
+    """The mlx-lm model_type of a model spec (from its config.json), or None if unknown."""
+    try:
+        from .models import model_path
+
+        config = Path(model_path(model_spec)) / "config.json"
+        return json.loads(config.read_text()).get("model_type")
+    except Exception:  # unknown spec or no local copy: the real run will say why
+        return None
+
+
+def preflight(program, family="llama", *, fine_tune_type="lora", iters=2):
+    """Train a tiny random model of `family` for a few steps with the program's kernels.
+
+    Seconds instead of minutes: a program that breaks inside a model (a shape
+    mismatch, NaN) fails here with the same kernel / layer / step diagnosis.
+    Returns a run record (see run_training); families without a tiny config use llama's.
+    """
+    from .tiny_models import FAMILIES, random_token_dataset, tiny_model
+
+    kernels = resolve_kernels(program)
+    model = tiny_model(family if family in FAMILIES else "llama")
+    convert_to_lora(model, fine_tune_type=fine_tune_type, num_layers=len(model.layers), rank=4)
+    record = run_training(model, random_token_dataset(8, 40), kernels, iters=iters, batch_size=2,
+                          max_seq_length=64, learning_rate=1e-4, steps_per_report=1)
+    record["family"] = family
     return record
