@@ -1,0 +1,361 @@
+"""OpenEvolve evaluator: correctness, then micro-benchmarks, then (stage 3) real fine-tuning.
+
+    openevolve-run initial_program.py evaluator.py --config config.yaml
+    python evaluator.py [PROGRAM] [--stage N] [--json] [--seed S]     # one program, by hand
+
+Every stage runs the candidate in an isolated child process (`kernel_lab.sandbox`): whatever the
+program does — a syntax error, an endless loop, os._exit, a segfault, NaN gradients, patching
+mx.fast — the stage returns combined_score 0 with an `error` artifact naming the cause.
+Stage 1 (`evaluate_stage1`): import + `kernel_lab.correctness.check_kernels` against the float64
+oracle -> 0.25 when every kernel passes. Stage 2 (`evaluate_stage2`): `kernel_lab.microbench`
+under the device lock -> micro score (1.0 = as fast and lean as MLX's own kernels), cached by
+program hash for stage 3. Stage 3 (`evaluate_stage3`): real mlx-lm LoRA fine-tuning, folded with the
+micro score by `kernel_lab.score.combined_score`. The score formulas live in `kernel_lab/score.py`.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # openevolve loads this file by path
+    sys.path.insert(0, str(HERE))
+
+from kernel_lab import score  # noqa: E402
+from kernel_lab.sandbox import cache_dir, device_lock, run_task  # noqa: E402
+
+INITIAL_PROGRAM = HERE / "initial_program.py"
+STAGE2_CACHE_VERSION = 1
+
+
+@dataclasses.dataclass
+class Settings:
+    """Budgets and options; each can be set with an environment variable KERNEL_LAB_<NAME>."""
+
+    seed: int = None  # None: a fresh random seed per evaluation (reported in the artifacts)
+    shape_set: str = "default"  # correctness cases (kernel_lab.shapes)
+    dtypes: str = "float32,bfloat16,float16"  # correctness dtypes
+    names: str = ""  # comma-separated kernels to evaluate ("" = all seven)
+    stage1_timeout: float = 300.0  # seconds, the child process of stage 1
+    stage2_timeout: float = 420.0  # seconds, the child process of stage 2
+    lock_timeout: float = 900.0  # seconds to wait for another evaluation's timing to finish
+    repeats: int = 5  # timed repeats per kernel and case (after one warm-up)
+    bench_dtype: str = ""  # "" = float32 on the CPU, bfloat16 on a GPU
+    memory_limit_gb: float = 0.0  # RSS cap of a child; 0 = half the RAM, at most 16 GB
+    echo: bool = True  # stream the child's progress lines to our stderr
+
+    @classmethod
+    def from_env(cls, **overrides):
+        values = {}
+        for field in dataclasses.fields(cls):
+            raw = os.environ.get(f"KERNEL_LAB_{field.name.upper()}")
+            if raw is not None and raw != "":
+                kind = type(field.default) if field.default is not None else int
+                values[field.name] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def kernel_names(self):
+        return [n.strip() for n in self.names.split(",") if n.strip()] or None
+
+    def memory_limit(self):
+        return int(self.memory_limit_gb * 2**30) if self.memory_limit_gb else None
+
+
+# ------------------------------------------------------------------ child-process side
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def _load_guarded(program, before, label):
+    from kernel_lab import guards
+    from kernel_lab.contract import load_program
+
+    kernels = load_program(program)
+    guards.verify(before, f"after importing the {label}")
+    return kernels
+
+
+def child_check(program, seed, shape_set, dtypes, names):
+    """Stage 1 in the child: import the program under the guards and check every kernel."""
+    from kernel_lab import correctness, guards
+
+    before = guards.snapshot()
+    kernels = _load_guarded(program, before, "program")
+    results = correctness.check_kernels(kernels, seed=seed, shape_set=shape_set,
+                                        dtypes=tuple(dtypes), names=names)
+    guards.verify(before, "after running the kernels")
+    return _jsonable(results)
+
+
+def child_bench(program, initial, seed, repeats, dtype, names):
+    """Stage 2 in the child: time candidate / stock / initial, then re-check on a new seed."""
+    from kernel_lab import correctness, guards, microbench
+    from kernel_lab.ops import STOCK
+
+    before = guards.snapshot()
+    candidate = _load_guarded(program, before, "program")
+    impls = {"candidate": candidate, "stock": STOCK}
+    if initial:
+        impls["initial"] = _load_guarded(initial, before, "initial program")
+    dtype = dtype or microbench.default_dtype()
+    bench = microbench.run(impls, names=names, dtype=dtype, seed=seed, repeats=repeats)
+    guards.verify(before, "after the benchmarks")
+    # Outputs cannot have been memoized: the kernels must still be right on inputs never seen.
+    recheck = correctness.check_kernels(candidate, seed=seed + 7919, dtypes=(dtype,), names=names)
+    guards.verify(before, "after the final correctness check")
+    return _jsonable({"bench": bench, "recheck": recheck})
+
+
+# ------------------------------------------------------------------ parent side
+
+def _result(metrics, artifacts):
+    """An openevolve EvaluationResult (a plain dict with `artifacts` if openevolve is absent)."""
+    metrics = {k: float(v) for k, v in metrics.items()}
+    artifacts = {k: v if isinstance(v, (str, bytes)) else json.dumps(v, indent=1)
+                 for k, v in artifacts.items()}
+    try:
+        from openevolve.evaluation_result import EvaluationResult
+    except ImportError:
+        return {**metrics, "artifacts": artifacts}
+    return EvaluationResult(metrics=metrics, artifacts=artifacts)
+
+
+def _failure(stage, error, seed, seconds, task=None, extra_metrics=None):
+    artifacts = {"error": f"stage {stage}: {error}", "seed": str(seed)}
+    if task is not None:
+        if task.traceback:
+            artifacts["traceback"] = task.traceback[-4000:]
+        if task.stderr.strip():
+            artifacts["stderr"] = task.stderr[-4000:]
+        if task.stdout.strip():
+            artifacts["stdout"] = task.stdout[-2000:]
+    metrics = {"combined_score": 0.0, f"stage{stage}_seconds": seconds, **(extra_metrics or {})}
+    return _result(metrics, artifacts)
+
+
+def _seed(settings):
+    return settings.seed if settings.seed is not None else secrets.randbelow(2**31 - 1)
+
+
+def _program_hash(program_path):
+    return hashlib.sha256(Path(program_path).read_bytes()).hexdigest()
+
+
+def _log(settings, message):
+    if settings.echo:
+        print(message, file=sys.stderr, flush=True)
+
+
+def evaluate_stage1(program_path, **overrides):
+    """Import + correctness in a child: 0.25 when every kernel passes, else 0."""
+    settings = Settings.from_env(**overrides)
+    seed = _seed(settings)
+    _log(settings, f"[stage 1] correctness of {program_path} (seed {seed})")
+    task = run_task("evaluator:child_check", dict(
+        program=str(Path(program_path).resolve()), seed=seed, shape_set=settings.shape_set,
+        dtypes=settings.dtypes.split(","), names=settings.kernel_names(),
+    ), timeout=settings.stage1_timeout, memory_limit=settings.memory_limit())
+    if not task.ok:
+        return _failure(1, task.error, seed, task.seconds, task, {"correct_fraction": 0.0})
+    from kernel_lab.correctness import format_failure, format_table
+
+    results = task.value
+    combined, fraction = score.stage1_score([r["passed"] for r in results])
+    artifacts = {"stage": "1 (correctness)", "seed": str(seed), "correctness": format_table(results)}
+    failures = [format_failure(r) for r in results if not r["passed"]]
+    if failures:
+        artifacts["error"] = "stage 1: " + "; ".join(failures)
+    _log(settings, artifacts["correctness"])
+    return _result({"combined_score": combined, "correct_fraction": fraction,
+                    "stage1_seconds": task.seconds}, artifacts)
+
+
+def _bench_table(bench):
+    lines = [f"{'kernel':22s} {'speedup':>8s} {'memory':>7s} {'vs init':>8s} "
+             f"{'cand ms':>9s} {'stock ms':>9s} {'cand MB':>8s} {'stock MB':>8s}"]
+    for k in bench["kernels"]:
+        c, s = k["candidate"], k["stock"]
+        lines.append(f"{k['kernel']:22s} {c['speedup_vs_stock']:8.3f} {c['memory_ratio_vs_stock']:7.3f} "
+                     f"{c.get('speedup_vs_initial', float('nan')):8.3f} {c['fwd_bwd_ms']:9.2f} "
+                     f"{s['fwd_bwd_ms']:9.2f} {c['peak_mb']:8.2f} {s['peak_mb']:8.2f}")
+    lines.append("speedup/memory: stock / candidate (forward+backward time, peak memory); "
+                 f"{bench['dtype']} on {bench['device']}, median of {bench['repeats']} repeats")
+    return "\n".join(lines)
+
+
+def stage2_metrics(bench):
+    """Numeric metrics of a micro-benchmark run: per-kernel ratios, geometric means, micro score."""
+    kernels = {k["kernel"]: k["candidate"] for k in bench["kernels"]}
+    micro = score.micro_score({name: (c["speedup_vs_stock"], c["memory_ratio_vs_stock"])
+                               for name, c in kernels.items()})
+    metrics = {"combined_score": micro, "micro_score": micro}
+    for key in ("speedup_vs_stock", "memory_ratio_vs_stock", "speedup_vs_initial"):
+        values = [c[key] for c in kernels.values() if key in c]
+        if values:
+            metrics[key] = score.geometric_mean(values)
+    for name, c in kernels.items():
+        metrics[f"{name}_speedup"] = c["speedup_vs_stock"]
+        metrics[f"{name}_memory_ratio"] = c["memory_ratio_vs_stock"]
+    return metrics
+
+
+def evaluate_stage2(program_path, **overrides):
+    """Micro-benchmarks in a child under the device lock; combined_score = micro score."""
+    settings = Settings.from_env(**overrides)
+    seed = _seed(settings)
+    initial = str(INITIAL_PROGRAM) if INITIAL_PROGRAM.is_file() else None
+    _log(settings, f"[stage 2] micro-benchmarks of {program_path} (seed {seed})")
+    wait_start = time.monotonic()
+    try:
+        with device_lock(timeout=settings.lock_timeout):
+            waited = time.monotonic() - wait_start
+            task = run_task("evaluator:child_bench", dict(
+                program=str(Path(program_path).resolve()), initial=initial, seed=seed,
+                repeats=settings.repeats, dtype=settings.bench_dtype or None,
+                names=settings.kernel_names(),
+            ), timeout=settings.stage2_timeout, memory_limit=settings.memory_limit(),
+                echo_stderr=settings.echo)
+    except TimeoutError as exc:
+        return _failure(2, str(exc), seed, time.monotonic() - wait_start)
+    if not task.ok:
+        return _failure(2, task.error, seed, task.seconds, task)
+    from kernel_lab.correctness import format_failure
+
+    bench, recheck = task.value["bench"], task.value["recheck"]
+    artifacts = {"stage": "2 (micro-benchmarks)", "seed": str(seed),
+                 "benchmarks": _bench_table(bench)}
+    failed = [format_failure(r) for r in recheck if not r["passed"]]
+    if failed:
+        artifacts["error"] = ("stage 2: wrong on fresh inputs after timing: " + "; ".join(failed))
+        return _result({"combined_score": 0.0, "stage2_seconds": task.seconds}, artifacts)
+    metrics = stage2_metrics(bench)
+    metrics.update(stage2_seconds=task.seconds, lock_wait_seconds=waited)
+    _log(settings, artifacts["benchmarks"] + f"\nmicro score {metrics['micro_score']:.4f}")
+    _write_stage2_cache(program_path, metrics, bench, seed)
+    return _result(metrics, artifacts)
+
+
+def _stage2_cache_path(program_path):
+    return cache_dir() / "stage2" / f"{_program_hash(program_path)}.json"
+
+
+def _write_stage2_cache(program_path, metrics, bench, seed):
+    path = _stage2_cache_path(program_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entry = {"version": STAGE2_CACHE_VERSION, "metrics": metrics, "bench": bench, "seed": seed,
+             "time": time.time()}
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(entry))
+    os.replace(temporary, path)
+
+
+def cached_stage2(program_path):
+    """Stage 2's metrics for this exact program text, or None if it was not timed here yet."""
+    path = _stage2_cache_path(program_path)
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return entry if entry.get("version") == STAGE2_CACHE_VERSION else None
+
+
+def stage3_macro(program_path, seed, settings):
+    """Hook for stage 3 (real fine-tuning, kernel_lab.macrobench): return None until wired.
+
+    Once wired it returns {"runs": [(training_speedup, memory_ratio), ...], "loss_matches": bool,
+    "metrics": {...}, "artifacts": {...}} or {"error": "..."}.
+    """
+    return None
+
+
+def evaluate_stage3(program_path, **overrides):
+    """Real fine-tuning folded with the cached micro score: micro**0.25 * macro**0.75."""
+    settings = Settings.from_env(**overrides)
+    entry = cached_stage2(program_path)
+    if entry is None:  # stage 3 alone (CLI): time it first
+        stage2 = evaluate_stage2(program_path, **overrides)
+        entry = cached_stage2(program_path)
+        if entry is None:
+            return stage2
+    micro = entry["metrics"]["micro_score"]
+    seed = _seed(settings)
+    macro = stage3_macro(program_path, seed, settings)
+    if macro is None:
+        return _result(dict(entry["metrics"]),
+                       {"stage3": "not run: real fine-tuning is not wired into evaluator.py yet"})
+    if macro.get("error"):
+        return _failure(3, macro["error"], seed, 0.0, extra_metrics={"micro_score": micro})
+    macro_value = score.macro_score(macro["runs"])
+    combined = score.combined_score(micro, macro_value, loss_matches=macro["loss_matches"])
+    metrics = {**macro.get("metrics", {}), "micro_score": micro, "macro_score": macro_value,
+               "combined_score": combined}
+    return _result(metrics, {"seed": str(seed), **macro.get("artifacts", {})})
+
+
+def _merge(into, result):
+    metrics, artifacts = _split(result)
+    into[0].update(metrics)
+    into[1].update(artifacts)
+
+
+def _split(result):
+    if isinstance(result, dict):
+        result = dict(result)
+        return result, result.pop("artifacts", {})
+    return dict(result.metrics), dict(result.artifacts)
+
+
+def evaluate(program_path, **overrides):
+    """All stages in order, as openevolve's cascade would run them (stops at the first failure)."""
+    settings = Settings.from_env(**overrides)
+    if settings.seed is None:
+        overrides["seed"] = _seed(settings)  # one seed for every stage, reported
+    merged = ({}, {})
+    _merge(merged, evaluate_stage1(program_path, **overrides))
+    if merged[0]["combined_score"] < score.STAGE1_PASS_SCORE:
+        return _result(*merged)
+    _merge(merged, evaluate_stage2(program_path, **overrides))
+    if merged[0]["combined_score"] <= 0 or "error" in merged[1]:
+        return _result(*merged)
+    _merge(merged, evaluate_stage3(program_path, **overrides))
+    return _result(*merged)
+
+
+# ------------------------------------------------------------------ command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("program", nargs="?", default=str(INITIAL_PROGRAM))
+    parser.add_argument("--stage", type=int, choices=(1, 2, 3), help="run one stage only")
+    parser.add_argument("--json", action="store_true", help="metrics as JSON on the last line")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--names", help="comma-separated kernels (default: all)")
+    parser.add_argument("--shape-set", choices=("default", "full"))
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    args = parser.parse_args(argv)
+    overrides = dict(seed=args.seed, names=args.names, shape_set=args.shape_set,
+                     repeats=args.repeats, echo=False if args.quiet else None)
+    function = {None: evaluate, 1: evaluate_stage1, 2: evaluate_stage2, 3: evaluate_stage3}[args.stage]
+    metrics, artifacts = _split(function(args.program, **overrides))
+    for key, value in artifacts.items():
+        if key not in ("correctness", "benchmarks") or args.quiet:
+            print(f"--- {key}\n{value}" if "\n" in str(value) else f"{key}: {value}")
+    for key, value in metrics.items():
+        print(f"{key:28s} {value:.4g}" if math.isfinite(value) else f"{key:28s} {value}")
+    if args.json:
+        print(json.dumps(metrics))
+    return 0 if metrics.get("combined_score", 0) > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Tamper guards: a candidate program must not change what the harness measures with.
+
+`snapshot()` records the identity of every public attribute of the modules the harness relies on
+(mlx.core and its fast / random submodules, mlx.nn losses, time, the reference kernels STOCK and
+ORACLE, the correctness and benchmark code) and of the `sys.modules` entries themselves. Taken
+before a candidate is imported, it is compared after the import and again after the candidate ran:
+`verify(before, when)` raises `TamperError` naming each attribute that was replaced, added or removed
+(e.g. "mlx.core.fast.rms_norm replaced"). Identity (`is`), not equality, so a wrapper that forwards to
+the original is caught too.
+"""
+
+import importlib
+import sys
+
+
+# Modules whose attributes the harness calls while checking or timing a candidate.
+WATCHED_MODULES = (
+    "mlx.core",
+    "mlx.core.fast",
+    "mlx.core.random",
+    "mlx.core.linalg",
+    "mlx.nn",
+    "mlx.nn.losses",
+    "mlx.nn.layers.activations",
+    "mlx.nn.layers.quantized",
+    "mlx.utils",
+    "time",
+    "gc",
+    "statistics",
+    "math",
+    "json",
+    "kernel_lab.contract",
+    "kernel_lab.ops",
+    "kernel_lab.ops.rms_norm",
+    "kernel_lab.ops.rope",
+    "kernel_lab.ops.swiglu",
+    "kernel_lab.ops.cross_entropy",
+    "kernel_lab.ops.lora_linear",
+    "kernel_lab.ops.dora_linear",
+    "kernel_lab.shapes",
+    "kernel_lab.correctness",
+    "kernel_lab.microbench",
+    "kernel_lab.guards",
+    "kernel_lab.score",
+    "kernel_lab.worker",
+)
+# Namespaces of functions (attributes of a watched module) whose own entries are watched too.
+WATCHED_NAMESPACES = ("kernel_lab.ops.STOCK", "kernel_lab.ops.ORACLE")
+# Classes whose methods the harness relies on (a candidate could swap e.g. mx.array.__matmul__).
+WATCHED_CLASSES = ("mlx.core.array",)
+# Attributes that legitimately change while code runs (state, not behaviour).
+MUTABLE_STATE = {"mlx.core.random.state"}
+
+
+class TamperError(Exception):
+    """The candidate replaced something the harness measures with."""
+
+
+def _resolve(dotted):
+    module_name, _, attribute = dotted.rpartition(".")
+    return getattr(sys.modules.get(module_name) or importlib.import_module(module_name), attribute)
+
+
+def _public_attributes(obj):
+    try:
+        names = vars(obj)
+    except TypeError:
+        names = {name: getattr(obj, name, None) for name in dir(obj)}
+    return {name: value for name, value in dict(names).items()
+            if not name.startswith("__") or name in _DUNDERS_OF_INTEREST}
+
+
+_DUNDERS_OF_INTEREST = {
+    "__add__", "__sub__", "__mul__", "__truediv__", "__matmul__", "__getitem__", "__neg__",
+    "__pow__", "__radd__", "__rmul__", "__rsub__", "__rtruediv__", "__init__", "__new__",
+    "__call__", "__array__",
+}
+
+
+def snapshot(modules=WATCHED_MODULES):
+    """Identity of everything watched: {qualified name: object} (modules missing here are skipped)."""
+    taken = {}
+    for module_name in modules:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        taken[f"sys.modules[{module_name!r}]"] = module
+        for name, value in _public_attributes(module).items():
+            taken[f"{module_name}.{name}"] = value
+    for dotted in WATCHED_NAMESPACES + WATCHED_CLASSES:
+        try:
+            namespace = _resolve(dotted)
+        except (ImportError, AttributeError):
+            continue
+        for name, value in _public_attributes(namespace).items():
+            taken[f"{dotted}.{name}"] = value
+    return taken
+
+
+def changes(before, after):
+    """Human-readable list of what differs between two snapshots (state attributes ignored)."""
+    found = []
+    for key, value in before.items():
+        if key in MUTABLE_STATE:
+            continue
+        if key not in after:
+            found.append(f"{key} removed")
+        elif after[key] is not value:
+            found.append(f"{key} replaced")
+    for key in after.keys() - before.keys():
+        if key.startswith("sys.modules["):
+            continue  # a module the candidate imported for the first time: not a patch
+        module_key = f"sys.modules[{key.rpartition('.')[0]!r}]"
+        if module_key in before:
+            found.append(f"{key} added")
+    return sorted(found)
+
+
+def verify(before, when):
+    """Raise TamperError naming what the candidate patched since `before` ("after import", ...)."""
+    found = changes(before, snapshot())
+    if found:
+        shown = ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")
+        raise TamperError(f"tampering detected {when}: {shown} (programs must not monkeypatch "
+                          "MLX, the clock or the harness)")
+
+
