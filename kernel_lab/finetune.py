@@ -103,7 +103,7 @@ def run(args):
                     seed=args.seed)
     print_trainable_parameters(model)
     if kernels is not None:
-        print(apply_kernels(model, kernels, loss=False), flush=True)
+        print(apply_kernels(model, kernels), flush=True)
     else:
         print("Kernels: none (plain mlx-lm)", flush=True)
     adapter_path = Path(args.adapter_path)

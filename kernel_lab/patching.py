@@ -42,6 +42,7 @@ class PatchReport:
     stock: list = field(default_factory=list)  # (module path, kind, reason)
     loss: str = "stock"  # "linear_cross_entropy", "cross_entropy" or "stock"
     loss_reason: str = ""
+    loss_fn: object = field(default=None, repr=False, compare=False)  # for trainer.train(loss=)
 
     def left_stock(self, kind=None):
         return [s for s in self.stock if kind is None or s[1] == kind]
@@ -414,7 +415,6 @@ def apply_kernels(model, kernels, *, loss=True):
             continue
         module.__class__ = _patched_class(cls, kind, kernels, _call_for(kind, cls, kernels))
         report.patched[kind] += 1
-    report.loss_fn = None
     if loss:
         report.loss_fn, report.loss, report.loss_reason = make_loss(model, kernels)
     return report
