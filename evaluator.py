@@ -33,6 +33,9 @@ from kernel_lab.sandbox import cache_dir, device_lock, run_task  # noqa: E402
 
 INITIAL_PROGRAM = HERE / "initial_program.py"
 STAGE2_CACHE_VERSION = 1
+# Not watched for writes by a candidate: outputs, environments, caches.
+UNWATCHED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", "openevolve_output", "runs",
+                  ".device", ".whl", "node_modules"}
 
 
 @dataclasses.dataclass
@@ -50,6 +53,7 @@ class Settings:
     bench_dtype: str = ""  # "" = float32 on the CPU, bfloat16 on a GPU
     memory_limit_gb: float = 0.0  # RSS cap of a child; 0 = half the RAM, at most 16 GB
     echo: bool = True  # stream the child's progress lines to our stderr
+    watch_directory: bool = True  # fail a program that writes into this directory
 
     @classmethod
     def from_env(cls, **overrides):
@@ -142,6 +146,48 @@ def _failure(stage, error, seed, seconds, task=None, extra_metrics=None):
     return _result(metrics, artifacts)
 
 
+def directory_fingerprint(root=HERE):
+    """{relative path: (size, mtime)} of the example directory's files (outputs and venvs skipped)."""
+    found = {}
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in UNWATCHED_DIRS and not d.endswith(".egg-info")]
+        for name in files:
+            path = Path(directory, name)
+            try:
+                info = path.stat()
+            except OSError:
+                continue
+            found[str(path.relative_to(root))] = (info.st_size, info.st_mtime_ns)
+    return found
+
+
+def directory_changes(before, after):
+    """What changed between two fingerprints, e.g. ['kernel_lab/x.py (new)']."""
+    changed = [f"{p} (new)" for p in after.keys() - before.keys()]
+    changed += [f"{p} (deleted)" for p in before.keys() - after.keys()]
+    changed += [f"{p} (modified)" for p in before.keys() & after.keys() if before[p] != after[p]]
+    return sorted(changed)
+
+
+def _run_watched(target, kwargs, watch=True, **options):
+    """run_task, turned into a failure when the child wrote into the example directory.
+
+    The child's working directory is a temp dir, so relative writes are harmless; there is no
+    file-system isolation for absolute paths (use a container for that), but they are detected.
+    (Detection cannot tell a candidate's write from a person editing the directory meanwhile:
+    `watch=False`, or KERNEL_LAB_WATCH_DIRECTORY=0, turns it off.)
+    """
+    before = directory_fingerprint() if watch else None
+    task = run_task(target, kwargs, **options)
+    if watch and task.ok:
+        changed = directory_changes(before, directory_fingerprint())
+        if changed:
+            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            task.ok = False
+            task.error = f"the program wrote into the evaluator's directory {HERE}: {shown}"
+    return task
+
+
 def _seed(settings):
     return settings.seed if settings.seed is not None else secrets.randbelow(2**31 - 1)
 
@@ -160,10 +206,11 @@ def evaluate_stage1(program_path, **overrides):
     settings = Settings.from_env(**overrides)
     seed = _seed(settings)
     _log(settings, f"[stage 1] correctness of {program_path} (seed {seed})")
-    task = run_task("evaluator:child_check", dict(
+    task = _run_watched("evaluator:child_check", dict(
         program=str(Path(program_path).resolve()), seed=seed, shape_set=settings.shape_set,
         dtypes=settings.dtypes.split(","), names=settings.kernel_names(),
-    ), timeout=settings.stage1_timeout, memory_limit=settings.memory_limit())
+    ), timeout=settings.stage1_timeout, memory_limit=settings.memory_limit(),
+        watch=settings.watch_directory)
     if not task.ok:
         return _failure(1, task.error, seed, task.seconds, task, {"correct_fraction": 0.0})
     from kernel_lab.correctness import format_failure, format_table
@@ -218,12 +265,12 @@ def evaluate_stage2(program_path, **overrides):
     try:
         with device_lock(timeout=settings.lock_timeout):
             waited = time.monotonic() - wait_start
-            task = run_task("evaluator:child_bench", dict(
+            task = _run_watched("evaluator:child_bench", dict(
                 program=str(Path(program_path).resolve()), initial=initial, seed=seed,
                 repeats=settings.repeats, dtype=settings.bench_dtype or None,
                 names=settings.kernel_names(),
             ), timeout=settings.stage2_timeout, memory_limit=settings.memory_limit(),
-                echo_stderr=settings.echo)
+                echo_stderr=settings.echo, watch=settings.watch_directory)
     except TimeoutError as exc:
         return _failure(2, str(exc), seed, time.monotonic() - wait_start)
     if not task.ok:

@@ -112,7 +112,7 @@ def device_lock(name="device", timeout=None):
 
 
 def _format_bytes(n):
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def _clip_text(data, keep=OUTPUT_KEEP_BYTES):
@@ -175,7 +175,8 @@ def stuck_location(stderr_text):
     harness = str(REPO_ROOT / "kernel_lab")
     prefixes = {sys.prefix, sys.base_prefix}
     for filename, line, func in frames:
-        if filename.startswith(harness) or any(filename.startswith(p) for p in prefixes):
+        if filename.startswith(harness) or filename == str(REPO_ROOT / "evaluator.py") \
+                or any(filename.startswith(p) for p in prefixes):
             continue
         return f"{Path(filename).name}:{line} in {func}"
     if frames:

@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 
 HARNESS_DIR = str(Path(__file__).resolve().parent)
+HARNESS_FILES = {str(Path(__file__).resolve().parent.parent / "evaluator.py")}
 
 
 def _limit_resources(address_space_limit):
@@ -29,8 +30,8 @@ def _limit_resources(address_space_limit):
 
 def _is_harness_file(filename):
     prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix}
-    return filename.startswith(HARNESS_DIR) or any(filename.startswith(p) for p in prefixes) \
-        or filename.startswith("<frozen")
+    return filename.startswith(HARNESS_DIR) or filename in HARNESS_FILES \
+        or any(filename.startswith(p) for p in prefixes) or filename.startswith("<frozen")
 
 
 def culprit_line(exc):

@@ -1,0 +1,126 @@
+"""Hostile programs: initial_program.py with ONE kernel (or the module top) replaced.
+
+Each entry: the kernel whose `def` is replaced (or None: code inserted at the top of the
+EVOLVE block), the replacement source, the stage that must reject it, and substrings the
+error must contain. `build(name, directory)` writes the program and returns its path.
+"""
+
+import re
+from pathlib import Path
+
+INITIAL_PROGRAM = Path(__file__).resolve().parents[2] / "initial_program.py"
+
+RMS_OK = '''
+def rms_norm(x, weight, eps):
+    xf = x.astype(mx.float32)
+    y = (xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return y * weight
+'''
+
+CORPUS = {
+    "syntax_error": dict(kernel="rms_norm", code="def rms_norm(x, weight eps):\n    return x\n",
+                         expect=["SyntaxError", "line"]),
+    "import_error": dict(kernel=None, code="import kernel_lab_no_such_module\n",
+                         expect=["ModuleNotFoundError", "kernel_lab_no_such_module"]),
+    "missing_kernel": dict(kernel="rms_norm", code="def rms_norm_renamed(x, weight, eps):\n    return x\n",
+                           expect=["does not define", "rms_norm"]),
+    "loop_at_import": dict(kernel=None, code="while True:\n    pass\n",
+                           expect=["timeout", "stuck at"]),
+    "loop_in_kernel": dict(kernel="rms_norm", code="def rms_norm(x, weight, eps):\n"
+                                                   "    while True:\n        pass\n",
+                           expect=["timeout", "in rms_norm"]),
+    "os_exit": dict(kernel="rms_norm", code="def rms_norm(x, weight, eps):\n"
+                                            "    import os\n    os._exit(3)\n",
+                    expect=["exited with status 3"]),
+    "sys_exit": dict(kernel="rms_norm", code="def rms_norm(x, weight, eps):\n"
+                                             "    import sys\n    sys.exit(3)\n",
+                     expect=["exited with status 3", "sys.exit"]),
+    "segfault": dict(kernel="rms_norm", code="def rms_norm(x, weight, eps):\n"
+                                             "    import ctypes\n    ctypes.string_at(0)\n",
+                     expect=["killed by signal SIGSEGV"]),
+    "raises": dict(kernel="rms_norm", code="def rms_norm(x, weight, eps):\n"
+                                           "    raise RuntimeError('kaput')\n",
+                   expect=["rms_norm", "kaput"]),
+    "nan_output": dict(kernel="rms_norm", code=RMS_OK.replace("return y * weight",
+                                                              "return y * weight * float('nan')"),
+                       expect=["rms_norm", "NaN"]),
+    "inf_output": dict(kernel="rms_norm", code=RMS_OK.replace("return y * weight",
+                                                              "return y * weight / 0.0"),
+                       expect=["rms_norm"]),
+    "wrong_shape": dict(kernel="rms_norm", code=RMS_OK.replace("return y * weight",
+                                                               "return (y * weight)[..., :-1]"),
+                        expect=["rms_norm", "shape"]),
+    "wrong_dtype": dict(kernel="rms_norm", code=RMS_OK.replace("return y * weight",
+                                                               "return (y * weight).astype(mx.float16)"),
+                        expect=["rms_norm", "dtype"]),
+    "wrong_gradient": dict(kernel="swiglu", code="def swiglu(gate, up):\n"
+                                                 "    return nn.silu(mx.stop_gradient(gate)) * up\n",
+                           expect=["swiglu", "grad"]),
+    "patch_mx_fast": dict(kernel=None, code="mx.fast.rms_norm = lambda x, w, eps: x\n",
+                          expect=["tampering", "mlx.core.fast.rms_norm"]),
+    "patch_clock": dict(kernel=None, code="import time\ntime.perf_counter = lambda: 0.0\n",
+                        expect=["tampering", "time.perf_counter"]),
+    "patch_while_running": dict(kernel="rms_norm", code=RMS_OK.replace(
+        "    xf = x.astype", "    mx.eval = lambda *a, **k: None\n    xf = x.astype"),
+        expect=["tampering", "after running", "mlx.core.eval"]),
+    # Grows 128 MB at a time (each page written): the parent's RSS watchdog must stop it.
+    "huge_allocation": dict(kernel="rms_norm", code="def rms_norm(x, weight, eps):\n"
+                                                    "    blobs = [b'x' * 2**27 for _ in range(512)]\n"
+                                                    "    return x\n",
+                            expect=["out of memory (RSS"]),
+    # One 64 GB MLX buffer: refused by the allocator (or stopped by the watchdog).
+    "huge_mlx_allocation": dict(kernel="rms_norm", code="def rms_norm(x, weight, eps):\n"
+                                                        "    mx.eval(mx.ones((2**17, 2**17)))\n"
+                                                        "    return x\n",
+                                expect=[], any_of=["out of memory", "rms_norm"]),
+    "output_flood": dict(kernel=None, code="import sys\nfor _ in range(4000):\n"
+                                           "    sys.stdout.write('spam' * 25000 + '\\n')\n",
+                         expect=["output limit exceeded"]),
+    "write_next_to_evaluator": dict(
+        kernel=None,
+        code="import kernel_lab as _kl, pathlib as _pl\n"
+             "(_pl.Path(_kl.__file__).parent.parent / 'HOSTILE_WAS_HERE.txt').write_text('x')\n",
+        expect=["wrote into the evaluator's directory", "HOSTILE_WAS_HERE.txt (new)"],
+        cleanup="HOSTILE_WAS_HERE.txt"),
+    # Stage 2: outputs memoized by shape are stale on the fresh inputs of every timed repeat (under
+    # mx.compile the memo holds tracers and breaks outright; test_evaluator checks the stale-output
+    # detection itself on an eager memo).
+    "memoized_output": dict(stage=2, kernel="rms_norm", code='''
+_memo = {}
+def rms_norm(x, weight, eps):
+    key = (tuple(x.shape), str(x.dtype))
+    if key not in _memo:
+        xf = x.astype(mx.float32)
+        y = (xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+        _memo[key] = y * weight
+    return _memo[key]
+''', expect=["rms_norm"]),
+}
+# Harmless: relative writes land in the child's temp working directory; the program still passes.
+HARMLESS = {
+    "relative_write": dict(kernel=None, code="open('evaluator.py', 'w').write('pwned')\n"
+                                             "open('initial_program.py', 'w').write('pwned')\n"),
+    "chatty": dict(kernel=None, code="print('hello ' * 200000)\n"),
+}
+
+
+def _replace_def(source, kernel, code):
+    """Swap the top-level `def kernel(...)` (up to the next top-level statement) for code."""
+    pattern = re.compile(rf"^def {kernel}\(.*?(?=^\S)", re.S | re.M)
+    if not pattern.search(source):
+        raise ValueError(f"initial_program.py has no top-level def {kernel}")
+    return pattern.sub(lambda _: code.strip("\n") + "\n\n\n", source, count=1)
+
+
+def build(name, directory, corpus=None):
+    """Write the hostile program `name` into directory; returns its path."""
+    entry = (corpus or {**CORPUS, **HARMLESS})[name]
+    source = INITIAL_PROGRAM.read_text()
+    if entry["kernel"] is None:
+        marker = "# EVOLVE-BLOCK-START\n"
+        source = source.replace(marker, marker + entry["code"], 1)
+    else:
+        source = _replace_def(source, entry["kernel"], entry["code"])
+    path = Path(directory) / f"hostile_{name}.py"
+    path.write_text(source)
+    return path
