@@ -50,9 +50,11 @@ def culprit_line(exc):
 
 def describe_exception(exc):
     """One line: 'Type: message (at file.py:LINE in func: source)'."""
+    if isinstance(exc, SyntaxError) and exc.filename and exc.lineno:
+        text = (exc.text or "").strip()
+        return (f"{type(exc).__name__}: {exc.msg} at line {exc.lineno} of "
+                f"{Path(exc.filename).name}" + (f": {text}" if text else ""))
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if isinstance(exc, SyntaxError):
-        message = exc.msg
     text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     where = culprit_line(exc)
     return f"{text} (at {where})" if where else text
