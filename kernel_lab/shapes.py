@@ -182,13 +182,13 @@ def bench_cases(kernel):
     s = MODEL_CONFIGS["smollm2-135m"]
     q = MODEL_CONFIGS["qwen2.5-0.5b"]
     if kernel == "rms_norm":
-        toks = [(1, 256), (4, 256)] if cpu else [(1, 512), (4, 512)]
+        toks = [(1, 512), (4, 512)]
         return [_case(kernel, "smollm2-135m", f"norm/{b}x{l}", (b, l), dim=s["hidden"], eps=s["rms_eps"])
                 for b, l in toks] + [
             _case(kernel, "qwen2.5-0.5b", f"norm/{toks[-1][0]}x{toks[-1][1]}", toks[-1], dim=q["hidden"],
                   eps=q["rms_eps"])]
     if kernel == "rope":
-        toks = (1, 256) if cpu else (4, 512)
+        toks = (2, 512) if cpu else (4, 512)
         return [_case(kernel, m, f"q/{toks[0]}x{toks[1]}", toks, heads=MODEL_CONFIGS[m]["heads"],
                       head_dim=MODEL_CONFIGS[m]["head_dim"], dims=MODEL_CONFIGS[m]["head_dim"],
                       traditional=False, base=MODEL_CONFIGS[m]["rope_theta"], scale=1.0, offset=0)
@@ -198,12 +198,12 @@ def bench_cases(kernel):
         return [_case(kernel, "smollm2-135m", f"mlp/{b}x{l}", (b, l), dim=s["intermediate"]) for b, l in toks] + [
             _case(kernel, "qwen2.5-0.5b", f"mlp/{toks[0][0]}x{toks[0][1]}", toks[0], dim=q["intermediate"])]
     if kernel == "cross_entropy":
-        toks = [(1, 128), (1, 256)] if cpu else [(1, 512), (4, 512)]
+        toks = [(1, 64), (1, 128)] if cpu else [(1, 512), (4, 512)]
         return [_case(kernel, "smollm2-135m", f"lm_head/{b}x{l}", (b, l), vocab=s["vocab"]) for b, l in toks]
     if kernel == "linear_cross_entropy":
         if cpu:  # full-vocab projections cost ~0.1 GFLOP per token: far past 0.5 s on a CPU
-            return [_case(kernel, "smollm2-135m", "tied-embedding/q4/1x64/vocab8192", (1, 64),
-                          hidden=s["hidden"], vocab=8192, quantized=True, group_size=GROUP_SIZE)]
+            return [_case(kernel, "smollm2-135m", "tied-embedding/q4/1x64/vocab4096", (1, 64),
+                          hidden=s["hidden"], vocab=4096, quantized=True, group_size=GROUP_SIZE)]
         return [_case(kernel, "smollm2-135m", "tied-embedding/q4/4x512", (4, 512), hidden=s["hidden"],
                       vocab=s["vocab"], quantized=True, group_size=GROUP_SIZE),
                 _case(kernel, "qwen2.5-0.5b", "tied-embedding/q4/1x512", (1, 512), hidden=q["hidden"],
