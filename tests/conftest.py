@@ -10,6 +10,7 @@ from kernel_lab.models import DEFAULT_MODEL, load_model
 from kernel_lab.models.registry import fetch_command, is_installed
 
 QWEN_MODEL = "qwen2.5-coder-0.5b-q4"
+GEMMA_MODEL = "gemma3-270m-q4"
 
 
 def _load(name, required):
@@ -29,3 +30,9 @@ def embedded_model():
 def qwen_model():
     """(model, tokenizer) of Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M mix), in the compute dtype."""
     return _load(QWEN_MODEL, required=False)
+
+
+@pytest.fixture(scope="session")
+def gemma_model():
+    """(model, tokenizer) of Gemma 3 270M base (GGUF Q4_K_M mix), in the compute dtype."""
+    return _load(GEMMA_MODEL, required=False)

@@ -273,3 +273,14 @@ def test_qwen_writes_python_that_parses(qwen_model):
     code = block.group(1) if block else answer
     tree = ast.parse(code)
     assert any(isinstance(node, ast.FunctionDef) for node in ast.walk(tree))
+
+
+# --- Gemma 3 270M (norms stored +1 by llama.cpp, q/k norms, GeGLU) ----------------------------
+
+
+@pytest.mark.slow
+def test_gemma_perplexity_on_python_docs(gemma_model):
+    # Norms left at llama.cpp's 1 + w, or a mis-packed Q4_K/Q6_K block, gives thousands.
+    ppl = perplexity(*gemma_model, n_tokens=64)
+    print(f"gemma3-270m-q4 perplexity: {ppl:.2f}")
+    assert ppl < 40

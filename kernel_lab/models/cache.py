@@ -90,6 +90,9 @@ def build_atomically(final_dir, build, log=print):
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a cache is as readable as any directory
     try:
         start = time.perf_counter()
         marker = build(tmp)
