@@ -3,7 +3,7 @@
     openevolve-run initial_program.py evaluator.py --config config.yaml
     python evaluator.py [PROGRAM] [--stage N] [--json] [--seed S]     # one program, by hand
 
-Every stage runs the candidate in an isolated child process (`kernel_lab.sandbox`): whatever the
+This process never imports MLX: every stage runs the candidate in an isolated child process (`kernel_lab.sandbox`): whatever the
 program does — a syntax error, an endless loop, os._exit, a segfault, NaN gradients, patching
 mx.fast — the stage returns combined_score 0 with an `error` artifact naming the cause.
 Stage 1 (`evaluate_stage1`): import + `kernel_lab.correctness.check_kernels` against the float64
@@ -48,7 +48,7 @@ class Settings:
     names: str = ""  # comma-separated kernels to evaluate ("" = all seven)
     stage1_timeout: float = 300.0  # seconds, the child process of stage 1
     stage2_timeout: float = 420.0  # seconds, the child process of stage 2
-    lock_timeout: float = 900.0  # seconds to wait for another evaluation's timing to finish
+    lock_timeout: float = 600.0  # seconds to wait for another evaluation's timing to finish
     repeats: int = 5  # timed repeats per kernel and case (after one warm-up)
     bench_dtype: str = ""  # "" = float32 on the CPU, bfloat16 on a GPU
     memory_limit_gb: float = 0.0  # RSS cap of a child; 0 = half the RAM, at most 16 GB
@@ -97,7 +97,8 @@ def child_check(program, seed, shape_set, dtypes, names):
     results = correctness.check_kernels(kernels, seed=seed, shape_set=shape_set,
                                         dtypes=tuple(dtypes), names=names)
     guards.verify(before, "after running the kernels")
-    return _jsonable(results)
+    return _jsonable({"results": results, "table": correctness.format_table(results),
+                      "failures": [correctness.format_failure(r) for r in results if not r["passed"]]})
 
 
 def child_bench(program, initial, seed, repeats, dtype, names):
@@ -116,7 +117,8 @@ def child_bench(program, initial, seed, repeats, dtype, names):
     # Outputs cannot have been memoized: the kernels must still be right on inputs never seen.
     recheck = correctness.check_kernels(candidate, seed=seed + 7919, dtypes=(dtype,), names=names)
     guards.verify(before, "after the final correctness check")
-    return _jsonable({"bench": bench, "recheck": recheck})
+    failures = [correctness.format_failure(r) for r in recheck if not r["passed"]]
+    return _jsonable({"bench": bench, "recheck_failures": failures})
 
 
 # ------------------------------------------------------------------ parent side
@@ -213,12 +215,9 @@ def evaluate_stage1(program_path, **overrides):
         watch=settings.watch_directory)
     if not task.ok:
         return _failure(1, task.error, seed, task.seconds, task, {"correct_fraction": 0.0})
-    from kernel_lab.correctness import format_failure, format_table
-
-    results = task.value
+    results, failures = task.value["results"], task.value["failures"]
     combined, fraction = score.stage1_score([r["passed"] for r in results])
-    artifacts = {"stage": "1 (correctness)", "seed": str(seed), "correctness": format_table(results)}
-    failures = [format_failure(r) for r in results if not r["passed"]]
+    artifacts = {"stage": "1 (correctness)", "seed": str(seed), "correctness": task.value["table"]}
     if failures:
         artifacts["error"] = "stage 1: " + "; ".join(failures)
     _log(settings, artifacts["correctness"])
@@ -275,12 +274,9 @@ def evaluate_stage2(program_path, **overrides):
         return _failure(2, str(exc), seed, time.monotonic() - wait_start)
     if not task.ok:
         return _failure(2, task.error, seed, task.seconds, task)
-    from kernel_lab.correctness import format_failure
-
-    bench, recheck = task.value["bench"], task.value["recheck"]
+    bench, failed = task.value["bench"], task.value["recheck_failures"]
     artifacts = {"stage": "2 (micro-benchmarks)", "seed": str(seed),
                  "benchmarks": _bench_table(bench)}
-    failed = [format_failure(r) for r in recheck if not r["passed"]]
     if failed:
         artifacts["error"] = ("stage 2: wrong on fresh inputs after timing: " + "; ".join(failed))
         return _result({"combined_score": 0.0, "stage2_seconds": task.seconds}, artifacts)
