@@ -103,6 +103,17 @@ def _timed(fn, *inputs):
     return result, seconds, peak
 
 
+def _describe(exc, compiled):
+    """'Type: message (at file:line ...)', with a hint when it failed under mx.compile."""
+    from kernel_lab.worker import describe_exception
+
+    text = describe_exception(exc)
+    if compiled:
+        text += (" [kernels run inside mx.compile, as in mlx-lm's training step: no .item(), "
+                 "no Python branches on array values, no mx.eval inside]")
+    return text
+
+
 def _stale_output_error(output, reference, dtype):
     """Why a timed forward output does not belong to its inputs (None when it does)."""
     if output.shape != reference.shape:
@@ -163,8 +174,7 @@ def bench_kernel(kernel, impls, *, dtype, seed, repeats=5, warmup=1, compile=Tru
                     out, fwd_seconds, _ = _timed(forward, *arrays)
                     _, fb_seconds, peak = _timed(forward_backward, cotangent, *arrays)
                 except Exception as exc:  # noqa: BLE001 - reported with kernel and case
-                    raise KernelFailure(n, kernel, case["name"],
-                                        f"{type(exc).__name__}: {exc}") from exc
+                    raise KernelFailure(n, kernel, case["name"], _describe(exc, compile)) from exc
                 outputs[n] = out
                 if round_index >= warmup:
                     timings[n]["fwd"].append(fwd_seconds)

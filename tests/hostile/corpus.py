@@ -95,6 +95,12 @@ def rms_norm(x, weight, eps):
         _memo[key] = y * weight
     return _memo[key]
 ''', expect=["rms_norm"]),
+    # Stage 2: correct eagerly, but not compile-friendly (training compiles its step).
+    "not_compilable": dict(stage=2, kernel="swiglu", code="def swiglu(gate, up):\n"
+                                                       "    if mx.max(gate).item() > 1e9:\n"
+                                                       "        return gate\n"
+                                                       "    return nn.silu(gate) * up\n",
+                           expect=["swiglu", ".item()", "mx.compile"]),
 }
 # Harmless: relative writes land in the child's temp working directory; the program still passes.
 HARMLESS = {
