@@ -6,11 +6,12 @@ ORACLE, the correctness and benchmark code) and of the `sys.modules` entries the
 before a candidate is imported, it is compared after the import and again after the candidate ran:
 `verify(before, when)` raises `TamperError` naming each attribute that was replaced, added or removed
 (e.g. "mlx.core.fast.rms_norm replaced"). Identity (`is`), not equality, so a wrapper that forwards to
-the original is caught too.
+the original is caught too; Python functions' `__code__` and defaults are watched as well.
 """
 
 import importlib
 import sys
+from types import FunctionType
 
 
 # Modules whose attributes the harness calls while checking or timing a candidate.
@@ -95,6 +96,11 @@ def snapshot(modules=WATCHED_MODULES):
             continue
         for name, value in _public_attributes(namespace).items():
             taken[f"{dotted}.{name}"] = value
+    for key, value in list(taken.items()):  # a Python function can be rewritten in place
+        if isinstance(value, FunctionType):
+            taken[f"{key}.__code__"] = value.__code__
+            taken[f"{key}.__defaults__"] = value.__defaults__
+            taken[f"{key}.__kwdefaults__"] = value.__kwdefaults__
     return taken
 
 

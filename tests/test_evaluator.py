@@ -89,7 +89,7 @@ def test_guards_name_what_was_patched():
     guards.verify(before, "after restoring")
 
 
-def test_guards_watch_reference_kernels():
+def test_guards_watch_reference_kernels_and_their_code():
     before = guards.snapshot()
     original = STOCK.rope
     try:
@@ -97,6 +97,13 @@ def test_guards_watch_reference_kernels():
         assert "kernel_lab.ops.STOCK.rope replaced" in guards.changes(before, guards.snapshot())
     finally:
         STOCK.rope = original
+    code = STOCK.swiglu.__code__
+    try:
+        STOCK.swiglu.__code__ = (lambda gate, up: gate).__code__
+        assert "kernel_lab.ops.STOCK.swiglu.__code__ replaced" in guards.changes(before, guards.snapshot())
+    finally:
+        STOCK.swiglu.__code__ = code
+    assert guards.changes(before, guards.snapshot()) == []
 
 
 # ------------------------------------------------------------------ stale outputs (anti-memo)
