@@ -33,9 +33,8 @@ from kernel_lab.sandbox import cache_dir, device_lock, run_task  # noqa: E402
 
 INITIAL_PROGRAM = HERE / "initial_program.py"
 STAGE2_CACHE_VERSION = 1
-# Not watched for writes by a candidate: outputs, environments, caches.
-UNWATCHED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", "openevolve_output", "runs",
-                  ".device", ".whl", "node_modules"}
+WATCHED_SUFFIXES = {".py", ".pth", ".yaml", ".yml", ".toml", ".ini", ".cfg"}
+UNWATCHED_DIRS = {"__pycache__"}  # inside kernel_lab: bytecode caches may appear at any time
 
 
 @dataclasses.dataclass
@@ -149,10 +148,15 @@ def _failure(stage, error, seed, seconds, task=None, extra_metrics=None):
 
 
 def directory_fingerprint(root=HERE):
-    """{relative path: (size, mtime)} of the example directory's files (outputs and venvs skipped)."""
+    """{relative path: (size, mtime)} of what the evaluation runs: the top-level code and config
+    files (evaluator.py, config.yaml, initial_program.py, a planted sitecustomize.py ...) and the
+    kernel_lab package. Docs, tests, examples, outputs and environments are left out so that
+    editing them during a run is not mistaken for a candidate's write."""
     found = {}
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = [d for d in subdirs if d not in UNWATCHED_DIRS and not d.endswith(".egg-info")]
+    top_files = [(root, [], [p.name for p in Path(root).iterdir()
+                             if p.is_file() and p.suffix in WATCHED_SUFFIXES])]
+    for directory, subdirs, files in top_files + list(os.walk(Path(root) / "kernel_lab")):
+        subdirs[:] = [d for d in subdirs if d not in UNWATCHED_DIRS]
         for name in files:
             path = Path(directory, name)
             try:
