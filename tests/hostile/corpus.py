@@ -79,9 +79,9 @@ CORPUS = {
     "write_next_to_evaluator": dict(
         kernel=None,
         code="import kernel_lab as _kl, pathlib as _pl\n"
-             "(_pl.Path(_kl.__file__).parent.parent / 'HOSTILE_WAS_HERE.txt').write_text('x')\n",
-        expect=["wrote into the evaluator's directory", "HOSTILE_WAS_HERE.txt (new)"],
-        cleanup="HOSTILE_WAS_HERE.txt"),
+             "(_pl.Path(_kl.__file__).parent.parent / 'hostile_was_here.py').write_text('x')\n",
+        expect=["wrote into the evaluator's directory", "hostile_was_here.py (new)"],
+        cleanup="hostile_was_here.py"),
     # Stage 2: outputs memoized by shape are stale on the fresh inputs of every timed repeat (under
     # mx.compile the memo holds tracers and breaks outright; test_evaluator checks the stale-output
     # detection itself on an eager memo).
