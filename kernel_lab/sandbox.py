@@ -13,6 +13,7 @@ Isolation, and its limits:
   Metal and CUDA, unlike RLIMIT_AS); `address_space_limit` additionally sets RLIMIT_AS in the child,
   which is only safe where no GPU driver reserves huge virtual ranges (the CPU backend on Linux);
 - stdout/stderr go to files in a private temp dir (kept as head + tail), capped in size;
+- on Linux the child is SIGKILLed if the parent dies (PR_SET_PDEATHSIG): no orphaned candidates;
 - the working directory is a fresh temp dir, so files the code writes do not land next to the caller;
 - the result comes back through a dedicated pipe (not stdout) tagged with a per-run random nonce
   that the worker reads from stdin, so printing a fake result does not forge one. Code running inside
@@ -213,6 +214,7 @@ def run_task(target, kwargs=None, *, timeout, memory_limit=None, cwd=None, env=N
         "kwargs": kwargs or {},
         "nonce": nonce,
         "address_space_limit": address_space_limit,
+        "parent_pid": os.getpid(),
     })
 
     scratch = Path(tempfile.mkdtemp(prefix="kernel_lab_task_"))

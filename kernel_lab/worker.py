@@ -28,6 +28,21 @@ def _limit_resources(address_space_limit):
         resource.setrlimit(resource.RLIMIT_AS, (address_space_limit, address_space_limit))
 
 
+def _die_with_parent(parent_pid):
+    """Linux: get SIGKILL when the parent (the evaluator) dies, so no orphan keeps running."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if parent_pid and os.getppid() != parent_pid:  # it died before prctl took effect
+        os._exit(1)
+
+
 def _is_harness_file(filename):
     prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix}
     return filename.startswith(HARNESS_DIR) or filename in HARNESS_FILES \
@@ -70,6 +85,7 @@ def main():
     faulthandler.enable()  # stack dump on SIGSEGV / SIGABRT ...
     faulthandler.register(signal.SIGTERM, chain=True)  # ... and on the parent's timeout
     _limit_resources(request.get("address_space_limit"))
+    _die_with_parent(request.get("parent_pid"))
 
     message = {"nonce": nonce}
     try:

@@ -157,3 +157,33 @@ def test_device_lock_excludes_other_holders(tmp_path, monkeypatch):
         with pytest.raises(TimeoutError):
             with device_lock(timeout=0.2):
                 pass
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_child_dies_with_its_parent(tmp_path):
+    """Kill the process that called run_task: its sandboxed child must not keep running."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
+        "from kernel_lab.sandbox import run_task\n"
+        f"run_task('sandbox_tasks:sleep_forever', {{}}, timeout=60, env={{'PYTHONPATH': {TASKS_DIR!r}}})\n")
+    parent = subprocess.Popen([sys.executable, str(script)])
+    deadline = time.monotonic() + 20
+    worker = None
+    while time.monotonic() < deadline and worker is None:
+        children = psutil.Process(parent.pid).children()
+        worker = next((c for c in children if "kernel_lab.worker" in " ".join(c.cmdline())), None)
+        time.sleep(0.1)
+    assert worker is not None, "the worker did not start"
+    time.sleep(1.0)  # let it reach prctl
+    parent.kill()
+    parent.wait()
+    try:
+        worker.wait(timeout=5)
+    except psutil.TimeoutExpired:
+        worker.kill()
+        pytest.fail("the worker outlived its parent")
