@@ -48,7 +48,8 @@ class Settings:
     stage1_timeout: float = 300.0  # seconds, the child process of stage 1
     stage2_timeout: float = 420.0  # seconds, the child process of stage 2
     lock_timeout: float = 600.0  # seconds to wait for another evaluation's timing to finish
-    repeats: int = 5  # timed repeats per kernel and case (after one warm-up)
+    repeats: int = 5  # at least this many timed repeats per kernel and case (after 2 warm-ups)
+    min_seconds: float = 2.0  # ... and more repeats until the timed rounds of a case took this long
     bench_dtype: str = ""  # "" = float32 on the CPU, bfloat16 on a GPU
     memory_limit_gb: float = 0.0  # RSS cap of a child; 0 = half the RAM, at most 16 GB
     echo: bool = True  # stream the child's progress lines to our stderr
@@ -100,7 +101,7 @@ def child_check(program, seed, shape_set, dtypes, names):
                       "failures": [correctness.format_failure(r) for r in results if not r["passed"]]})
 
 
-def child_bench(program, initial, seed, repeats, dtype, names):
+def child_bench(program, initial, seed, repeats, dtype, names, min_seconds=2.0):
     """Stage 2 in the child: time candidate / stock / initial, then re-check on a new seed."""
     from kernel_lab import correctness, guards, microbench
     from kernel_lab.ops import STOCK
@@ -111,7 +112,8 @@ def child_bench(program, initial, seed, repeats, dtype, names):
     if initial:
         impls["initial"] = _load_guarded(initial, before, "initial program")
     dtype = dtype or microbench.default_dtype()
-    bench = microbench.run(impls, names=names, dtype=dtype, seed=seed, repeats=repeats)
+    bench = microbench.run(impls, names=names, dtype=dtype, seed=seed, repeats=repeats,
+                           min_seconds=min_seconds)
     guards.verify(before, "after the benchmarks")
     # Outputs cannot have been memoized: the kernels must still be right on inputs never seen.
     recheck = correctness.check_kernels(candidate, seed=seed + 7919, dtypes=(dtype,), names=names)
@@ -271,7 +273,7 @@ def evaluate_stage2(program_path, **overrides):
             task = _run_watched("evaluator:child_bench", dict(
                 program=str(Path(program_path).resolve()), initial=initial, seed=seed,
                 repeats=settings.repeats, dtype=settings.bench_dtype or None,
-                names=settings.kernel_names(),
+                names=settings.kernel_names(), min_seconds=settings.min_seconds,
             ), timeout=settings.stage2_timeout, memory_limit=settings.memory_limit(),
                 echo_stderr=settings.echo, watch=settings.watch_directory)
     except TimeoutError as exc:

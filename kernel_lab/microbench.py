@@ -134,12 +134,14 @@ def _geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def bench_kernel(kernel, impls, *, dtype, seed, repeats=5, warmup=1, compile=True, log=None,
-                 min_seconds=1.0, max_repeats=40):
+def bench_kernel(kernel, impls, *, dtype, seed, repeats=5, warmup=2, compile=True, log=None,
+                 min_seconds=2.0, max_repeats=40):
     """Time every implementation of one kernel on each bench case; see the module docstring.
 
     At least `repeats` timed rounds per case, more (up to `max_repeats`) until the timed rounds
     took `min_seconds`: fast kernels get many samples, so that the median shrugs off hiccups.
+    Two warm-up rounds: the first compiles, the second still pays for first-touch allocations
+    (measured on a 2-core CPU: with one, identical kernels differed by up to 20% on rope).
 
     impls: {"candidate": fn, "stock": fn, "initial": fn, ...} (must include "stock").
     Returns {"kernel", "cases": [per-case rows], per-impl geometric-mean summaries}.
@@ -237,8 +239,8 @@ def summarize(kernel, case_rows, names):
     return result
 
 
-def run(impls, *, names=None, dtype=None, seed=0, repeats=5, warmup=1, compile=True, log=None,
-        min_seconds=1.0):
+def run(impls, *, names=None, dtype=None, seed=0, repeats=5, warmup=2, compile=True, log=None,
+        min_seconds=2.0):
     """Benchmark every kernel (or `names`) for each namespace in impls {"candidate": ns, ...}."""
     dtype = dtype or default_dtype()
     names = list(names or KERNEL_NAMES)

@@ -203,7 +203,8 @@ lora_linear, dora_linear = STOCK.lora_linear, STOCK.dora_linear
 def test_stock_program_scores_about_one_and_passes_stage1(tmp_path):
     program = tmp_path / "stock_program.py"
     program.write_text(STOCK_PROGRAM.format(root=str(ROOT)))
-    options = dict(names="rms_norm,rope", dtypes="float32", seed=4, echo=False, repeats=3)
+    options = dict(names="rms_norm,rope", dtypes="float32", seed=4, echo=False, repeats=3,
+                   min_seconds=1.0)
     stage1 = evaluator.evaluate_stage1(str(program), **options)
     assert stage1.metrics["combined_score"] == 0.25
     stage2 = evaluator.evaluate_stage2(str(program), **options)

@@ -115,7 +115,7 @@ def test_openevolve_run_two_iterations(llm_server, tmp_path):
     config_path.write_text(yaml.safe_dump(config))
     output = tmp_path / "run"
     env = {**os.environ, "KERNEL_LAB_NAMES": "rms_norm", "KERNEL_LAB_DTYPES": "float32",
-           "KERNEL_LAB_REPEATS": "2", "KERNEL_LAB_STAGE1_TIMEOUT": "120",
+           "KERNEL_LAB_REPEATS": "2", "KERNEL_LAB_MIN_SECONDS": "0.5", "KERNEL_LAB_STAGE1_TIMEOUT": "120",
            "KERNEL_LAB_STAGE2_TIMEOUT": "180", "KERNEL_LAB_ECHO": "0"}
     run = subprocess.run(
         [sys.executable, "-m", "openevolve.cli", str(ROOT / "initial_program.py"),
