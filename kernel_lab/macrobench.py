@@ -34,7 +34,7 @@ BUDGETS = {
                 steps_per_report=1, trials=1, learning_rate=1e-5, timeout=300,
                 models="default"),
     "gpu": dict(iters=40, batch_size=4, max_seq_length=512, num_layers=16, rank=8,
-                steps_per_report=5, trials=3, learning_rate=1e-5, timeout=900,
+                steps_per_report=5, trials=2, learning_rate=1e-5, timeout=600,
                 models="all"),
 }
 _TRAIN_KEYS = ("iters", "batch_size", "max_seq_length", "num_layers", "rank",
