@@ -255,3 +255,15 @@ def dora_linear(
 
 
 # EVOLVE-BLOCK-END
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from kernel_lab.correctness import check_kernels, format_table
+
+    results = check_kernels(sys.modules[__name__], seed=0, shape_set="smoke")
+    print(format_table(results))
+    sys.exit(0 if all(r["passed"] for r in results) else 1)
