@@ -173,6 +173,66 @@ def format_tables(macro_rows, micro):
     return "\n".join(lines)
 
 
+def scores(macro_rows, micro):
+    """Per program, the evaluator's formulas (kernel_lab.score) over these measurements.
+
+    Differs from evaluator.py's stage 3 in its budget (these rows' configuration). A program
+    whose loss drifted from stock's beyond macrobench's limits scores 0, as in the evaluator.
+    """
+    from . import score
+
+    sides = {r["side"] for r in macro_rows if r["side"] != "stock"}
+    if micro:
+        sides |= {k for k in micro["kernels"][0] if k not in ("kernel", "cases", "stock")}
+    result = {}
+    for side in sorted(sides):
+        entry = {}
+        if micro and side in micro["kernels"][0]:
+            entry["micro"] = score.micro_score({k["kernel"]: (k[side]["speedup_vs_stock"],
+                                                              k[side]["memory_ratio_vs_stock"])
+                                                for k in micro["kernels"]})
+        rows = [r for r in macro_rows if r["side"] == side and "speedup" in r]
+        if rows:
+            entry["macro"] = score.macro_score(
+                [(r["speedup"], 1 / (1 - r["memory_reduction"])) for r in rows])
+            stock_final = {(r["model"], r["fine_tune_type"]): r["final_loss"]
+                           for r in macro_rows if r["side"] == "stock" and r["ok"]}
+
+            def final_diff(r):
+                ref = stock_final[(r["model"], r["fine_tune_type"])]
+                return abs(r["final_loss"] - ref) / abs(ref)
+
+            entry["loss_matches"] = all(r["loss_rel_diff"] <= macrobench.REPORT_LOSS_TOLERANCE
+                                        and final_diff(r) <= macrobench.FINAL_LOSS_TOLERANCE
+                                        for r in rows)
+        if "micro" in entry and "macro" in entry:
+            entry["combined"] = score.combined_score(entry["micro"], entry["macro"],
+                                                     loss_matches=entry["loss_matches"])
+        result[side] = entry
+    return result
+
+
+def format_scores(table):
+    lines = ["", "", "scores (kernel_lab.score over these measurements)"]
+    for side, e in table.items():
+        cells = [f"{k} {e[k]:.3f}" for k in ("micro", "macro", "combined") if k in e]
+        if e.get("loss_matches") is False:
+            cells.append("LOSS MISMATCH")
+        lines.append(f"  {side:<22} " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def summarize(paths):
+    """Merge saved benchmark.json files: their macro rows, the (last) micro table."""
+    macro_rows, micro = [], None
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        macro_rows += payload.get("macro") or []
+        micro = payload.get("micro") or micro
+    print(format_tables(macro_rows, micro) + format_scores(scores(macro_rows, micro)))
+    return 0
+
+
 def plot(path, macro_rows, micro):
     import matplotlib
 
@@ -229,7 +289,11 @@ def main(argv=None):
     parser.add_argument("--no-micro", action="store_true", help="skip the per-kernel table")
     parser.add_argument("--no-macro", action="store_true", help="skip the fine-tuning runs")
     parser.add_argument("--out", default="runs/benchmark", help="folder for benchmark.json/.png")
+    parser.add_argument("--summarize", nargs="+", metavar="JSON",
+                        help="print the tables and scores of saved benchmark.json files, run nothing")
     args = parser.parse_args(argv)
+    if args.summarize:
+        return summarize(args.summarize)
 
     programs = [Path(p).resolve() for p in (args.programs or DEFAULT_PROGRAMS)]
     for p in programs:
@@ -248,7 +312,7 @@ def main(argv=None):
                 macro_rows += compare_sides(model, ftt, programs, budget, seed=args.seed)
     micro = None if args.no_micro else micro_table(programs, seed=args.seed)
 
-    print(format_tables(macro_rows, micro))
+    print(format_tables(macro_rows, micro) + format_scores(scores(macro_rows, micro)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"started": started, "device": str(mx.default_device()), "mlx": mx.__version__,
