@@ -127,16 +127,9 @@ def _where(exc):
 def _run(fn, args, kwargs, grad_argnums, cotangent):
     """Forward output and vjp grads of fn w.r.t. args[grad_argnums], evaluated."""
 
-    def partial(*primals):
-        full = list(args)
-        for i, p in zip(grad_argnums, primals):
-            full[i] = p
-        return fn(*full, **kwargs)
-
-    primals = [args[i] for i in grad_argnums]
-    outs, grads = mx.vjp(partial, primals, [cotangent])
-    mx.eval(outs, grads)
-    return outs[0], grads
+    out, grads = shapes.vjp_at(fn, args, kwargs, grad_argnums, cotangent)
+    mx.eval(out, grads)
+    return out, grads
 
 
 def _oracle(kernel, args, kwargs, grad_argnums, cotangent):

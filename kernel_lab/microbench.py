@@ -73,16 +73,7 @@ def make_steps(kernel_fn, args, kwargs, grad_argnums, compile=True):
 
     def forward_backward(cotangent, *arrays):
         full_args, full_kwargs = scatter(arrays)
-
-        def differentiable(*diff):
-            call_args = list(full_args)
-            for position, value in zip(grad_argnums, diff):
-                call_args[position] = value
-            return kernel_fn(*call_args, **full_kwargs)
-
-        primals = [full_args[p] for p in grad_argnums]
-        outputs, grads = mx.vjp(differentiable, primals, [cotangent])
-        return outputs[0], grads
+        return shapes.vjp_at(kernel_fn, full_args, full_kwargs, grad_argnums, cotangent)
 
     if compile:
         return mx.compile(forward), mx.compile(forward_backward), gather

@@ -337,3 +337,16 @@ def make_inputs(kernel, case, dtype, seed):
         return args + [magnitude], kwargs, (0, 4, 5, 7)
 
     raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def vjp_at(fn, args, kwargs, grad_argnums, cotangent):
+    """(output, grads): fn(*args, **kwargs) and its vjp w.r.t. args[i] for i in grad_argnums."""
+
+    def differentiable(*primals):
+        call_args = list(args)
+        for position, value in zip(grad_argnums, primals):
+            call_args[position] = value
+        return fn(*call_args, **kwargs)
+
+    outputs, grads = mx.vjp(differentiable, [args[i] for i in grad_argnums], [cotangent])
+    return outputs[0], grads
