@@ -31,7 +31,7 @@ DEFAULT_PROGRAMS = (ROOT / "initial_program.py", ROOT / "examples" / "optimized_
 # tokens, LoRA rank 8 on every layer, bfloat16, long documentation chunks.
 BUDGETS = dict(
     macrobench.BUDGETS,
-    table=dict(iters=30, batch_size=8, max_seq_length=1024, num_layers=-1, rank=8,
+    table=dict(iters=20, batch_size=8, max_seq_length=1024, num_layers=-1, rank=8,
                steps_per_report=5, trials=2, learning_rate=1e-5, timeout=600,
                models="all", dtype="bfloat16", max_chars=6000),
 )
