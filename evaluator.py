@@ -321,23 +321,6 @@ def cached_stage2(program_path):
     return entry if entry.get("version") == STAGE2_CACHE_VERSION else None
 
 
-def _macro_table(result):
-    lines = [f"{'model':26s} {'type':5s} {'speedup':>8s} {'memory':>7s} {'loss diff':>9s}  status"]
-    for run in result["runs"]:
-        if "training_speedup" in run:
-            lines.append(f"{run['model']:26s} {run['fine_tune_type']:5s} {run['training_speedup']:8.3f} "
-                         f"{run['memory_ratio']:7.3f} {run['loss_rel_diff']:9.2e}  "
-                         f"{'ok' if run['ok'] else 'LOSS MISMATCH'}")
-        else:
-            lines.append(f"{run['model']:26s} {run['fine_tune_type']:5s} FAILED: {run.get('error')}")
-    budget = result.get("budget", {})
-    lines.append(f"speedup: tokens/s candidate / stock mlx-lm; memory: stock peak / candidate peak; "
-                 f"budget {budget.get('name', '?')}: {budget.get('iters')} iters of "
-                 f"{budget.get('batch_size')}x{budget.get('max_seq_length')} tokens, "
-                 f"{budget.get('trials')} trial(s)")
-    return "\n".join(lines)
-
-
 def stage3_macro(program_path, seed, settings):
     """Stage 3 in a child: kernel_lab.macrobench.run_macro (each training its own grandchild).
 
@@ -355,7 +338,7 @@ def stage3_macro(program_path, seed, settings):
     if not task.ok:
         return {"error": f"stage 3 (fine-tuning benchmark) did not finish: {task.error}"}
     result = task.value
-    from kernel_lab.macrobench import score_inputs  # no MLX import at module level there
+    from kernel_lab.macrobench import format_runs, score_inputs  # no MLX import there
 
     runs = score_inputs(result)
     if result.get("error") and not (runs and result["ok"] is False and not result["loss_matches"]):
@@ -363,7 +346,7 @@ def stage3_macro(program_path, seed, settings):
     metrics = {k: result[k] for k in ("training_speedup", "memory_ratio", "memory_reduction",
                                        "loss_rel_diff") if result.get(k) is not None}
     metrics["stage3_seconds"] = task.seconds
-    artifacts = {"fine_tuning": _macro_table(result)}
+    artifacts = {"fine_tuning": format_runs(result)}
     if result.get("error"):
         artifacts["error"] = f"stage 3: {result['error']}"
     return {"runs": runs, "loss_matches": result["loss_matches"], "metrics": metrics,

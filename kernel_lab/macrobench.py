@@ -231,6 +231,24 @@ def score_inputs(result):
             if "training_speedup" in r]
 
 
+def format_runs(result):
+    """A readable table of run_macro's result: one line a model and fine-tune type."""
+    lines = [f"{'model':26s} {'type':5s} {'speedup':>8s} {'memory':>7s} {'loss diff':>9s}  status"]
+    for run in result["runs"]:
+        if "training_speedup" in run:
+            lines.append(f"{run['model']:26s} {run['fine_tune_type']:5s} {run['training_speedup']:8.3f} "
+                         f"{run['memory_ratio']:7.3f} {run['loss_rel_diff']:9.2e}  "
+                         f"{'ok' if run['ok'] else 'LOSS MISMATCH'}")
+        else:
+            lines.append(f"{run['model']:26s} {run['fine_tune_type']:5s} FAILED: {run.get('error')}")
+    budget = result.get("budget", {})
+    lines.append(f"speedup: tokens/s candidate / stock mlx-lm; memory: stock peak / candidate peak; "
+                 f"budget {budget.get('name', '?')}: {budget.get('iters')} iters of "
+                 f"{budget.get('batch_size')}x{budget.get('max_seq_length')} tokens, "
+                 f"{budget.get('trials')} trial(s)")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     """python -m kernel_lab.macrobench PROGRAM [--budget cpu|gpu] [--model M ...] [--json out.json]"""
     import argparse
@@ -252,11 +270,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     result = run_macro(args.program, models=args.models, fine_tune_types=args.ftts or ("lora", "dora"),
                        budget=args.budget, seed=args.seed, iters=args.iters, trials=args.trials)
-    for r in result["runs"]:
-        if "training_speedup" in r:
-            print(f"{r['model']:<28} {r['fine_tune_type']:<5} speedup {r['training_speedup']:.3f}  "
-                  f"memory ratio {r['memory_ratio']:.3f}  loss diff {r['loss_rel_diff']:.2e}  "
-                  f"{'ok' if r['ok'] else 'FAIL'}")
+    print(format_runs(result))
     if result["error"]:
         print("error:", result["error"])
     if args.json:
