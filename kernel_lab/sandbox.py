@@ -193,6 +193,217 @@ def _signal_name(number):
         return f"signal {number}"
 
 
+def _child_env(env):
+    child_env = dict(os.environ)
+    child_env.update(env or {})
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT)] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    child_env["PYTHONDONTWRITEBYTECODE"] = "1"  # no __pycache__ next to the candidate program
+    child_env["PYTHONFAULTHANDLER"] = "1"
+    return child_env
+
+
+class Session:
+    """A long-lived isolated child (`python -m kernel_lab.worker`) that serves several calls.
+
+    State kept by the called functions (a loaded program, a model, compiled steps) survives from
+    one call to the next, so a coordinator can interleave short timed calls of several sessions.
+    Each call has its own wall-clock limit; a call that runs past it, or a child that exceeds the
+    memory or output limits, gets the whole process group killed, and every later call fails with
+    that reason. Results come back through the nonce-tagged pipe, as for `run_task`.
+    """
+
+    def __init__(self, *, memory_limit=None, cwd=None, env=None, address_space_limit=None,
+                 grace=3.0, echo_stderr=False, python=None):
+        self.memory_limit = default_memory_limit() if memory_limit is None else memory_limit
+        self.grace, self.echo_stderr = grace, echo_stderr
+        self.nonce = secrets.token_hex(16)
+        self.scratch = Path(tempfile.mkdtemp(prefix="kernel_lab_task_"))
+        work_dir = Path(cwd) if cwd else self.scratch / "cwd"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        self._messages, self._next_id, self._pending = {}, 0, None
+        self._buffer, self._raw_seen = b"", False
+        self.dead = None  # why the child is gone (None while it serves calls)
+        self.peak_rss, self._descendants, self._echoed = 0, [], 0
+        self._offsets = (0, 0)
+        read_fd, write_fd = os.pipe()
+        try:
+            with open(self.scratch / "stdout", "wb") as out, open(self.scratch / "stderr", "wb") as err:
+                self.proc = subprocess.Popen(
+                    [python or sys.executable, "-m", "kernel_lab.worker", str(write_fd)],
+                    stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=work_dir,
+                    env=_child_env(env), pass_fds=(write_fd,), start_new_session=True,
+                )
+        finally:
+            os.close(write_fd)
+        self._chunks = []
+        self._reader = threading.Thread(target=_drain, args=(read_fd, self._chunks), daemon=True)
+        self._reader.start()
+        self._send({"nonce": self.nonce, "address_space_limit": address_space_limit,
+                    "parent_pid": os.getpid()})
+
+    # -------------------------------------------------------------- calls
+
+    def _send(self, message):
+        try:
+            self.proc.stdin.write((json.dumps(message) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass  # the child is gone; the next poll says why
+
+    def submit(self, target, kwargs=None):
+        """Start `target` ("package.module:function") with `kwargs` in the child; returns at once."""
+        if not isinstance(target, str) or ":" not in target:
+            raise ValueError(f"target must be 'package.module:function', got {target!r}")
+        if self._pending is not None:
+            raise RuntimeError("a call is still running in this session")
+        self._next_id += 1
+        self._pending = self._next_id
+        self._call_start = time.monotonic()
+        self._offsets = tuple(self._size(s) for s in ("stdout", "stderr"))
+        if self.dead is None:
+            self._send({"id": self._pending, "target": target, "kwargs": kwargs or {}})
+
+    def wait(self, timeout):
+        """The running call's TaskResult, waiting at most `timeout` seconds (then the child dies)."""
+        return wait_all([self], timeout)[0]
+
+    def call(self, target, kwargs=None, *, timeout):
+        """submit + wait: one call's TaskResult."""
+        if timeout is None or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.submit(target, kwargs)
+        return self.wait(timeout)
+
+    def close(self):
+        """End the child (stdin closed, then the group killed) and remove its scratch folder."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=self.grace)
+            except subprocess.TimeoutExpired:
+                pass
+        _kill_leftovers(self.proc, self._descendants)
+        self.proc.wait()
+        self._reader.join(timeout=5)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -------------------------------------------------------------- watching
+
+    def _size(self, stream):
+        try:
+            return (self.scratch / stream).stat().st_size
+        except OSError:
+            return 0
+
+    def _message(self):
+        """The result message of the pending call, if it has arrived."""
+        while self._chunks:
+            self._buffer += self._chunks.pop(0)
+        if b"\n" in self._buffer:
+            complete, _, self._buffer = self._buffer.rpartition(b"\n")
+            self._raw_seen = True
+            for message in _parse_messages(complete, self.nonce):
+                self._messages[message.get("id")] = message
+        return self._messages.pop(self._pending, None)
+
+    def _poll(self, deadline):
+        """One watchdog round; the pending call's TaskResult once it is known, else None."""
+        message = self._message()
+        if message is not None:
+            return self._finish(message=message)
+        if self.dead is not None or self.proc.poll() is not None:
+            self._reader.join(timeout=5)  # the pipe closes with the child: read what it sent
+            message = self._message()
+            return self._finish(message=message, exited=message is None)
+        tree = _process_tree(self.proc.pid)
+        if tree:
+            self._descendants = tree[1:] or self._descendants
+        rss = _tree_rss(tree)
+        self.peak_rss = max(self.peak_rss, rss)
+        reason = None
+        if self.memory_limit and rss > self.memory_limit:
+            reason = (f"out of memory (RSS {_format_bytes(rss)} > limit "
+                      f"{_format_bytes(self.memory_limit)})")
+        for stream in ("stdout", "stderr"):
+            size = self._size(stream)
+            if size > OUTPUT_LIMIT_BYTES:
+                reason = (f"output limit exceeded ({_format_bytes(size)} on {stream} > "
+                          f"{_format_bytes(OUTPUT_LIMIT_BYTES)})")
+        if self.echo_stderr:
+            self._echoed = _echo_new(self.scratch / "stderr", self._echoed)
+        if reason is None and time.monotonic() > deadline:
+            reason = f"timeout after {deadline - self._call_start:g} s"
+        if reason is None:
+            return None
+        _kill_group(self.proc, self._descendants, self.grace)
+        self.dead = reason
+        return self._finish(killed_for=reason)
+
+    def _finish(self, message=None, killed_for=None, exited=False):
+        if self.echo_stderr:
+            self._echoed = _echo_new(self.scratch / "stderr", self._echoed)
+        stdout = (self.scratch / "stdout").read_bytes()[self._offsets[0]:]
+        full_stderr = (self.scratch / "stderr").read_bytes()
+        stderr = full_stderr[self._offsets[1]:]
+        common = dict(stdout=_clip_text(stdout), stderr=_clip_text(stderr),
+                      seconds=time.monotonic() - self._call_start, returncode=self.proc.returncode,
+                      peak_rss=self.peak_rss)
+        self._pending = None
+        if killed_for:
+            where = stuck_location(stderr.decode("utf-8", errors="replace"))
+            if killed_for.startswith("timeout") and where:
+                killed_for += f" (stuck at {where})"
+            return TaskResult(ok=False, error=killed_for, **common)
+        if self.dead is not None and message is None:
+            return TaskResult(ok=False, error=f"the child had already ended: {self.dead}", **common)
+        if message is not None and message.get("ok"):
+            return TaskResult(ok=True, value=message.get("value"), **common)
+        if message is not None:
+            if exited or self.proc.poll() is not None:
+                self.dead = message.get("error") or "exited"
+            return TaskResult(ok=False, error=message.get("error"),
+                              traceback=message.get("traceback"), **common)
+        self.dead = error = _exit_error(self.proc.returncode, self._raw_seen or self._buffer, full_stderr)
+        return TaskResult(ok=False, error=error, **common)
+
+
+def wait_all(sessions, timeout):
+    """Wait for the running call of every session (at most `timeout` s each); their TaskResults.
+
+    Children that run at the same time are watched together, e.g. two programs compiling while
+    nothing is being timed."""
+    deadlines = {id(s): s._call_start + timeout for s in sessions}
+    results = {}
+    while len(results) < len(sessions):
+        for session in sessions:
+            if id(session) not in results:
+                result = session._poll(deadlines[id(session)])
+                if result is not None:
+                    results[id(session)] = result
+        if len(results) < len(sessions):
+            time.sleep(POLL_SECONDS)
+    return [results[id(s)] for s in sessions]
+
+
+def _exit_error(returncode, raw, full_stderr):
+    """Why a child ended without a result for the running call."""
+    if returncode is not None and returncode < 0:
+        error = f"killed by signal {_signal_name(-returncode)}"
+        where = stuck_location(full_stderr.decode("utf-8", errors="replace"))
+        return error + (f" (at {where})" if where else "")
+    if returncode == 0 and raw:
+        return "exited without a valid result (the result channel was tampered with)"
+    return f"exited with status {returncode} without a result (sys.exit / os._exit in the candidate)"
+
+
 def run_task(target, kwargs=None, *, timeout, memory_limit=None, cwd=None, env=None,
              address_space_limit=None, grace=3.0, echo_stderr=False, python=None):
     """Call `target` ("package.module:function") with `kwargs` in a fresh child process.
@@ -207,99 +418,25 @@ def run_task(target, kwargs=None, *, timeout, memory_limit=None, cwd=None, env=N
         raise ValueError(f"target must be 'package.module:function', got {target!r}")
     if timeout is None or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    memory_limit = default_memory_limit() if memory_limit is None else memory_limit
-    nonce = secrets.token_hex(16)
-    request = json.dumps({
-        "target": target,
-        "kwargs": kwargs or {},
-        "nonce": nonce,
-        "address_space_limit": address_space_limit,
-        "parent_pid": os.getpid(),
-    })
-
-    scratch = Path(tempfile.mkdtemp(prefix="kernel_lab_task_"))
-    work_dir = Path(cwd) if cwd else scratch / "cwd"
-    work_dir.mkdir(parents=True, exist_ok=True)
-    child_env = dict(os.environ)
-    child_env.update(env or {})
-    child_env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO_ROOT)] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    child_env["PYTHONDONTWRITEBYTECODE"] = "1"  # no __pycache__ next to the candidate program
-    child_env["PYTHONFAULTHANDLER"] = "1"
-
-    read_fd, write_fd = os.pipe()
-    result_chunks = []
-    start = time.monotonic()
+    session = Session(memory_limit=memory_limit, cwd=cwd, env=env,
+                      address_space_limit=address_space_limit, grace=grace,
+                      echo_stderr=echo_stderr, python=python)
     try:
-        with open(scratch / "stdout", "wb") as out_file, open(scratch / "stderr", "wb") as err_file:
-            proc = subprocess.Popen(
-                [python or sys.executable, "-m", "kernel_lab.worker", str(write_fd)],
-                stdin=subprocess.PIPE, stdout=out_file, stderr=err_file, cwd=work_dir,
-                env=child_env, pass_fds=(write_fd,), start_new_session=True,
-            )
-        os.close(write_fd)
-        write_fd = None
-        reader = threading.Thread(target=_drain, args=(read_fd, result_chunks), daemon=True)
-        reader.start()
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.write(request.encode())
-            proc.stdin.close()
-
-        killed_for, peak_rss, descendants = _watch(
-            proc, scratch, timeout, memory_limit, echo_stderr)
-        if killed_for:
-            _kill_group(proc, descendants, grace)
-        else:
-            _kill_leftovers(proc, descendants)  # grandchildren the code may have left running
-        reader.join(timeout=5)
-        seconds = time.monotonic() - start
-        stdout = (scratch / "stdout").read_bytes()
-        stderr = (scratch / "stderr").read_bytes()
-        return _build_result(proc.returncode, killed_for, b"".join(result_chunks), nonce,
-                             _clip_text(stdout), _clip_text(stderr), stderr, seconds, peak_rss,
-                             timeout, memory_limit)
+        result = session.call(target, kwargs, timeout=timeout)
     finally:
-        if write_fd is not None:
-            os.close(write_fd)
-        shutil.rmtree(scratch, ignore_errors=True)
+        session.close()  # also kills grandchildren the code left running
+    if result.returncode is None:
+        result.returncode = session.proc.returncode
+    return result
 
 
 def _drain(fd, chunks):
     with os.fdopen(fd, "rb") as pipe:
         while True:
-            data = pipe.read(65536)
+            data = pipe.read1(65536) if hasattr(pipe, "read1") else pipe.read(65536)
             if not data:
                 return
             chunks.append(data)
-
-
-def _watch(proc, scratch, timeout, memory_limit, echo_stderr):
-    """Poll the child until it exits or must be killed; returns (reason or None, peak RSS, tree)."""
-    deadline = time.monotonic() + timeout
-    peak_rss = 0
-    descendants = []
-    echoed = 0
-    while True:
-        if proc.poll() is not None:
-            return None, peak_rss, descendants
-        tree = _process_tree(proc.pid)
-        if tree:
-            descendants = tree[1:] or descendants
-        rss = _tree_rss(tree)
-        peak_rss = max(peak_rss, rss)
-        if memory_limit and rss > memory_limit:
-            return (f"out of memory (RSS {_format_bytes(rss)} > limit "
-                    f"{_format_bytes(memory_limit)})"), peak_rss, descendants
-        for stream in ("stdout", "stderr"):
-            size = (scratch / stream).stat().st_size
-            if size > OUTPUT_LIMIT_BYTES:
-                return (f"output limit exceeded ({_format_bytes(size)} on {stream} > "
-                        f"{_format_bytes(OUTPUT_LIMIT_BYTES)})"), peak_rss, descendants
-        if echo_stderr:
-            echoed = _echo_new(scratch / "stderr", echoed)
-        if time.monotonic() > deadline:
-            return f"timeout after {timeout:g} s", peak_rss, descendants
-        time.sleep(POLL_SECONDS)
 
 
 def _echo_new(path, offset):
@@ -312,46 +449,14 @@ def _echo_new(path, offset):
     return offset + len(data)
 
 
-def _parse_result(raw, nonce):
-    """The worker's message: the last JSON line carrying our nonce (anything else is ignored)."""
-    for line in reversed(raw.decode("utf-8", errors="replace").splitlines()):
+def _parse_messages(raw, nonce):
+    """The worker's messages: JSON lines carrying our nonce (anything else is ignored)."""
+    found = []
+    for line in raw.decode("utf-8", errors="replace").splitlines():
         try:
             message = json.loads(line)
         except ValueError:
             continue
         if isinstance(message, dict) and message.get("nonce") == nonce:
-            return message
-    return None
-
-
-def _build_result(returncode, killed_for, raw, nonce, stdout, stderr, full_stderr, seconds,
-                  peak_rss, timeout, memory_limit):
-    common = dict(stdout=stdout, stderr=stderr, seconds=seconds, returncode=returncode,
-                  peak_rss=peak_rss)
-    if killed_for:
-        where = stuck_location(full_stderr.decode("utf-8", errors="replace"))
-        if killed_for.startswith("timeout") and where:
-            killed_for += f" (stuck at {where})"
-        return TaskResult(ok=False, error=killed_for, **common)
-    message = _parse_result(raw, nonce)
-    if message is not None and returncode == 0:
-        if message.get("ok"):
-            return TaskResult(ok=True, value=message.get("value"), **common)
-        return TaskResult(ok=False, error=message.get("error"), traceback=message.get("traceback"),
-                          **common)
-    if returncode is not None and returncode < 0:
-        error = f"killed by signal {_signal_name(-returncode)}"
-        where = stuck_location(full_stderr.decode("utf-8", errors="replace"))
-        if where:
-            error += f" (at {where})"
-        return TaskResult(ok=False, error=error, **common)
-    if message is not None:  # a result was sent, then the process died with a non-zero status
-        return TaskResult(ok=False, error=(message.get("error") or
-                                           f"exited with status {returncode} after returning"),
-                          traceback=message.get("traceback"), **common)
-    if returncode == 0 and raw:
-        error = "exited without a valid result (the result channel was tampered with)"
-    else:
-        error = (f"exited with status {returncode} without a result "
-                 "(sys.exit / os._exit in the candidate)")
-    return TaskResult(ok=False, error=error, **common)
+            found.append(message)
+    return found

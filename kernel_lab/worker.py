@@ -1,8 +1,10 @@
 """Child-process entry point of the sandbox: `python -m kernel_lab.worker RESULT_FD`.
 
-Reads one JSON request {"target", "kwargs", "nonce", "address_space_limit"} from stdin, imports
-"package.module:function", calls it with kwargs and writes one JSON line {"nonce", "ok", "value" |
-"error", "traceback"} to the file descriptor RESULT_FD. Only `kernel_lab.sandbox.run_task` starts it.
+Reads JSON lines from stdin: first {"nonce", "address_space_limit", "parent_pid"}, then one
+request {"id", "target", "kwargs"} per call. For each it imports "package.module:function", calls
+it with kwargs and writes one JSON line {"nonce", "id", "ok", "value" | "error", "traceback"} to
+the file descriptor RESULT_FD; it exits when stdin closes (or after a sys.exit in a call). Only
+`kernel_lab.sandbox` starts it (`run_task`: one call; `Session`: many).
 """
 
 import faulthandler
@@ -75,19 +77,9 @@ def describe_exception(exc):
     return f"{text} (at {where})" if where else text
 
 
-def main():
-    result_fd = int(sys.argv[1])
-    request = json.loads(sys.stdin.read())
-    sys.stdin.close()
-    sys.stdin = open(os.devnull)
-    nonce = request.pop("nonce")
-    result_pipe = os.fdopen(result_fd, "w")
-    faulthandler.enable()  # stack dump on SIGSEGV / SIGABRT ...
-    faulthandler.register(signal.SIGTERM, chain=True)  # ... and on the parent's timeout
-    _limit_resources(request.get("address_space_limit"))
-    _die_with_parent(request.get("parent_pid"))
-
-    message = {"nonce": nonce}
+def _call(request):
+    """Run one request; the result message (without the nonce) and whether to exit afterwards."""
+    message = {"id": request.get("id")}
     try:
         module_name, _, function_name = request["target"].partition(":")
         function = getattr(importlib.import_module(module_name), function_name)
@@ -98,15 +90,42 @@ def main():
         message.update(ok=False, traceback=traceback.format_exc(),
                        error=f"exited with status {code} (sys.exit in the candidate"
                              + (f" at {where})" if where else ")"))
+        return message, True
     except BaseException as exc:  # noqa: BLE001 - everything the candidate raises is reported
         message.update(ok=False, error=describe_exception(exc), traceback=traceback.format_exc())
-    result_pipe.write(_safe_dumps(message) + "\n")
-    result_pipe.flush()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001 - the candidate may have closed or replaced it
-            pass
+    return message, False
+
+
+def main():
+    result_fd = int(sys.argv[1])
+    # Requests arrive on a private copy of stdin; fd 0 and sys.stdin point at /dev/null.
+    requests = os.fdopen(os.dup(0), "r")
+    hello = json.loads(requests.readline())
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    sys.stdin = open(os.devnull)
+    nonce = hello["nonce"]
+    result_pipe = os.fdopen(result_fd, "w")
+    faulthandler.enable()  # stack dump on SIGSEGV / SIGABRT ...
+    faulthandler.register(signal.SIGTERM, chain=True)  # ... and on the parent's timeout
+    _limit_resources(hello.get("address_space_limit"))
+    _die_with_parent(hello.get("parent_pid"))
+
+    for line in requests:
+        if not line.strip():
+            continue
+        message, leave = _call(json.loads(line))
+        message["nonce"] = nonce
+        result_pipe.write(_safe_dumps(message) + "\n")
+        result_pipe.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - the candidate may have closed or replaced it
+                pass
+        if leave:
+            break
     os._exit(0)  # skip interpreter teardown: atexit hooks of the candidate do not run
 
 
@@ -114,7 +133,7 @@ def _safe_dumps(message):
     try:
         return json.dumps(message)
     except (TypeError, ValueError) as exc:
-        fallback = {"nonce": message["nonce"], "ok": False,
+        fallback = {"nonce": message["nonce"], "id": message.get("id"), "ok": False,
                     "error": f"the task's result is not JSON-serializable: {exc}"}
         return json.dumps(fallback)
 

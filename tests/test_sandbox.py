@@ -8,7 +8,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from kernel_lab.sandbox import TaskResult, device_lock, run_task, stuck_location
+from kernel_lab.sandbox import Session, TaskResult, device_lock, run_task, stuck_location, wait_all
 
 TASKS_DIR = str(Path(__file__).resolve().parent / "hostile")
 ENV = {"PYTHONPATH": TASKS_DIR}
@@ -187,3 +187,49 @@ def test_child_dies_with_its_parent(tmp_path):
     except psutil.TimeoutExpired:
         worker.kill()
         pytest.fail("the worker outlived its parent")
+
+
+# ------------------------------------------------------------------ sessions (several calls, one child)
+
+def test_session_keeps_state_between_calls():
+    with Session(env=ENV) as session:
+        assert session.call("sandbox_tasks:count", {"step": 2}, timeout=10).value == 2
+        assert session.call("sandbox_tasks:count", {"step": 5}, timeout=10).value == 7
+        failed = session.call("sandbox_tasks:raise_value_error", timeout=10)
+        assert not failed.ok and "the candidate's own message" in failed.error
+        assert session.call("sandbox_tasks:count", timeout=10).value == 8  # an exception is not fatal
+    assert session.proc.poll() is not None
+
+
+def test_session_timeout_kills_it_and_later_calls_fail():
+    with Session(env=ENV) as session:
+        result = session.call("sandbox_tasks:loop_forever", timeout=1)
+        assert result.error.startswith("timeout after 1 s") and "loop_forever" in result.error
+        later = session.call("sandbox_tasks:add", {"a": 1, "b": 2}, timeout=5)
+        assert not later.ok and "already ended: timeout after 1 s" in later.error
+
+
+def test_session_crash_and_exit_are_reported():
+    with Session(env=ENV) as session:
+        result = session.call("sandbox_tasks:call_os_exit", {"code": 5}, timeout=10)
+        assert not result.ok and "exited with status 5" in result.error
+    with Session(env=ENV) as session:
+        result = session.call("sandbox_tasks:segfault", timeout=10)
+        assert result.error.startswith("killed by signal SIGSEGV")
+
+
+def test_wait_all_watches_sessions_running_together():
+    sessions = [Session(env=ENV) for _ in range(2)]
+    try:
+        sessions[0].submit("sandbox_tasks:sleep_then", {"seconds": 1.0, "value": "a"})
+        sessions[1].submit("sandbox_tasks:sleep_then", {"seconds": 1.0, "value": "b"})
+        (a, a_start, a_end), (b, b_start, b_end) = [r.value for r in wait_all(sessions, timeout=10)]
+        assert (a, b) == ("a", "b")
+        assert b_start < a_end and a_start < b_end  # they ran at the same time
+        sessions[0].submit("sandbox_tasks:sleep_forever")
+        sessions[1].submit("sandbox_tasks:add", {"a": 1, "b": 1})
+        stuck, fine = wait_all(sessions, timeout=1)
+        assert stuck.error.startswith("timeout") and fine.value == 2
+    finally:
+        for s in sessions:
+            s.close()

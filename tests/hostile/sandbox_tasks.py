@@ -88,3 +88,19 @@ def print_and_return(lines):
         print(f"line {i}")
     print("progress", file=sys.stderr)
     return lines
+
+
+_COUNTER = []
+
+
+def count(step=1):
+    """Module state that survives between calls of one Session."""
+    _COUNTER.append(step)
+    return sum(_COUNTER)
+
+
+def sleep_then(seconds, value):
+    """(value, start, end) by the wall clock, so a test can see two calls overlap."""
+    start = time.time()
+    time.sleep(seconds)
+    return [value, start, time.time()]
