@@ -7,6 +7,10 @@ before a candidate is imported, it is compared after the import and again after 
 `verify(before, when)` raises `TamperError` naming each attribute that was replaced, added or removed
 (e.g. "mlx.core.fast.rms_norm replaced"). Identity (`is`), not equality, so a wrapper that forwards to
 the original is caught too; Python functions' `__code__` and defaults are watched as well.
+Also watched: builtins (a patched `sorted` would run inside the harness), the thread and signal
+functions (kernel_lab.audit wraps them before the snapshot: swapping the originals back is caught),
+and the hooks through which Python calls code later (sys.meta_path / path_hooks entries,
+gc.callbacks, sys.excepthook & co., trace and profile functions, signal handlers).
 """
 
 import importlib
@@ -16,6 +20,11 @@ from types import FunctionType
 
 # Modules whose attributes the harness calls while checking or timing a candidate.
 WATCHED_MODULES = (
+    "builtins",
+    "_thread",
+    "threading",
+    "signal",
+    "_signal",
     "mlx.core",
     "mlx.core.fast",
     "mlx.core.random",
@@ -44,6 +53,9 @@ WATCHED_MODULES = (
     "kernel_lab.guards",
     "kernel_lab.score",
     "kernel_lab.worker",
+    "kernel_lab.audit",
+    "kernel_lab.microcheck",
+    "kernel_lab.bench_cases",
 )
 # Namespaces of functions (attributes of a watched module) whose own entries are watched too.
 WATCHED_NAMESPACES = ("kernel_lab.ops.STOCK", "kernel_lab.ops.ORACLE")
@@ -74,8 +86,28 @@ def _public_attributes(obj):
 _DUNDERS_OF_INTEREST = {
     "__add__", "__sub__", "__mul__", "__truediv__", "__matmul__", "__getitem__", "__neg__",
     "__pow__", "__radd__", "__rmul__", "__rsub__", "__rtruediv__", "__init__", "__new__",
-    "__call__", "__array__",
+    "__call__", "__array__", "__import__", "__build_class__",
 }
+SYS_HOOKS = ("excepthook", "unraisablehook", "displayhook", "breakpointhook")
+
+
+def _hooks():
+    """Where Python calls code later: {name: object}, one entry per list element."""
+    import gc
+    import signal
+
+    found = {"sys.modules['sys']": sys, "sys.gettrace()": sys.gettrace(),
+             "sys.getprofile()": sys.getprofile()}
+    found.update({f"sys.{name}": getattr(sys, name, None) for name in SYS_HOOKS})
+    for name in ("meta_path", "path_hooks"):
+        found.update({f"sys.{name}[{i}]": item for i, item in enumerate(getattr(sys, name))})
+    found.update({f"gc.callbacks[{i}]": item for i, item in enumerate(gc.callbacks)})
+    for number in signal.valid_signals():
+        try:
+            found[f"signal.handler[{signal.Signals(number).name}]"] = signal.getsignal(number)
+        except (ValueError, OSError):
+            continue
+    return found
 
 
 def snapshot(modules=WATCHED_MODULES):
@@ -96,6 +128,7 @@ def snapshot(modules=WATCHED_MODULES):
             continue
         for name, value in _public_attributes(namespace).items():
             taken[f"{dotted}.{name}"] = value
+    taken.update(_hooks())
     for key, value in list(taken.items()):  # a Python function can be rewritten in place
         if isinstance(value, FunctionType):
             taken[f"{key}.__code__"] = value.__code__
