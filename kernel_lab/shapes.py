@@ -167,57 +167,11 @@ def correctness_cases(kernel, shape_set="default"):
     return table[kernel]()
 
 
-def _on_cpu():
-    return mx.default_device().type == mx.DeviceType.cpu
-
-
 def bench_cases(kernel):
-    """A few training-like cases for micro-benchmarks.
+    """The micro-benchmark cases on this device (they live in kernel_lab.bench_cases)."""
+    from .bench_cases import bench_cases as cases
 
-    On an accelerator: mlx-lm LoRA batch shapes (1x512 .. 4x512 tokens, full vocab).
-    On the CPU, token counts (and the fused-loss vocab) shrink so that one float32
-    forward+backward stays under about half a second on two cores.
-    """
-    cpu = _on_cpu()
-    s = MODEL_CONFIGS["smollm2-135m"]
-    q = MODEL_CONFIGS["qwen2.5-0.5b"]
-    if kernel == "rms_norm":
-        toks = [(1, 512), (4, 512)]
-        return [_case(kernel, "smollm2-135m", f"norm/{b}x{l}", (b, l), dim=s["hidden"], eps=s["rms_eps"])
-                for b, l in toks] + [
-            _case(kernel, "qwen2.5-0.5b", f"norm/{toks[-1][0]}x{toks[-1][1]}", toks[-1], dim=q["hidden"],
-                  eps=q["rms_eps"])]
-    if kernel == "rope":
-        toks = (2, 512) if cpu else (4, 512)
-        return [_case(kernel, m, f"q/{toks[0]}x{toks[1]}", toks, heads=MODEL_CONFIGS[m]["heads"],
-                      head_dim=MODEL_CONFIGS[m]["head_dim"], dims=MODEL_CONFIGS[m]["head_dim"],
-                      traditional=False, base=MODEL_CONFIGS[m]["rope_theta"], scale=1.0, offset=0)
-                for m in ("smollm2-135m", "qwen3-0.6b")]
-    if kernel == "swiglu":
-        toks = [(1, 256), (2, 256)] if cpu else [(1, 512), (4, 512)]
-        return [_case(kernel, "smollm2-135m", f"mlp/{b}x{l}", (b, l), dim=s["intermediate"]) for b, l in toks] + [
-            _case(kernel, "qwen2.5-0.5b", f"mlp/{toks[0][0]}x{toks[0][1]}", toks[0], dim=q["intermediate"])]
-    if kernel == "cross_entropy":
-        toks = [(1, 64), (1, 128)] if cpu else [(1, 512), (4, 512)]
-        return [_case(kernel, "smollm2-135m", f"lm_head/{b}x{l}", (b, l), vocab=s["vocab"]) for b, l in toks]
-    if kernel == "linear_cross_entropy":
-        if cpu:  # full-vocab projections cost ~0.1 GFLOP per token: far past 0.5 s on a CPU
-            return [_case(kernel, "smollm2-135m", "tied-embedding/q4/1x64/vocab4096", (1, 64),
-                          hidden=s["hidden"], vocab=4096, quantized=True, group_size=GROUP_SIZE)]
-        return [_case(kernel, "smollm2-135m", "tied-embedding/q4/4x512", (4, 512), hidden=s["hidden"],
-                      vocab=s["vocab"], quantized=True, group_size=GROUP_SIZE),
-                _case(kernel, "qwen2.5-0.5b", "tied-embedding/q4/1x512", (1, 512), hidden=q["hidden"],
-                      vocab=q["vocab"], quantized=True, group_size=GROUP_SIZE)]
-    if kernel in ("lora_linear", "dora_linear"):
-        toks = (1, 128) if cpu else (4, 512)
-        common = dict(rank=LORA_RANK, scale=LORA_SCALE, quantized=True, group_size=GROUP_SIZE)
-        return [
-            _case(kernel, "smollm2-135m", f"q_proj/q4/{toks[0]}x{toks[1]}", toks, in_dim=s["hidden"],
-                  out_dim=s["hidden"], **common),
-            _case(kernel, "smollm2-135m", f"up_proj/q4/{toks[0]}x{toks[1]}", toks, in_dim=s["hidden"],
-                  out_dim=s["intermediate"], **common),
-        ]
-    raise ValueError(f"unknown kernel {kernel!r}")
+    return cases(kernel)
 
 
 # --------------------------------------------------------------------------- inputs
