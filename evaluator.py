@@ -7,15 +7,15 @@ This process never imports MLX: every stage runs the candidate in an isolated ch
 program does — a syntax error, an endless loop, os._exit, a segfault, NaN gradients, patching
 mx.fast — the stage returns combined_score 0 with an `error` artifact naming the cause.
 Stage 1 (`evaluate_stage1`): import + `kernel_lab.correctness.check_kernels` against the float64
-oracle -> 0.25 when every kernel passes. Stage 2 (`evaluate_stage2`): `kernel_lab.microbench`
-under the device lock -> micro score (1.0 = as fast and lean as MLX's own kernels), cached by
-program hash for stage 3. Stage 3 (`evaluate_stage3`): real mlx-lm LoRA fine-tuning, folded with the
+oracle -> 0.25 when every kernel passes. Stage 2 (`evaluate_stage2`): `kernel_lab.stage2`
+under the device lock: the program timed in its own audited process against stock and the starting
+program in another, checked against stock on every timed round -> micro score (1.0 = as fast and
+lean as MLX's own kernels), cached by program hash for stage 3. Stage 3 (`evaluate_stage3`): real mlx-lm LoRA fine-tuning, folded with the
 micro score by `kernel_lab.score.combined_score`. The score formulas live in `kernel_lab/score.py`.
 """
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -28,11 +28,10 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # openevolve loads this file by path
     sys.path.insert(0, str(HERE))
 
-from kernel_lab import score  # noqa: E402
+from kernel_lab import score, stage2  # noqa: E402
 from kernel_lab.sandbox import cache_dir, device_lock, run_task  # noqa: E402
 
 INITIAL_PROGRAM = HERE / "initial_program.py"
-STAGE2_CACHE_VERSION = 1
 WATCHED_SUFFIXES = {".py", ".pth", ".yaml", ".yml", ".toml", ".ini", ".cfg"}
 UNWATCHED_DIRS = {"__pycache__"}  # inside kernel_lab: bytecode caches may appear at any time
 
@@ -48,8 +47,8 @@ class Settings:
     stage1_timeout: float = 300.0  # seconds, the child process of stage 1
     stage2_timeout: float = 420.0  # seconds, the child process of stage 2
     lock_timeout: float = 600.0  # seconds to wait for another evaluation's timing to finish
-    repeats: int = 5  # at least this many timed repeats per kernel and case (after 2 warm-ups)
-    min_seconds: float = 2.0  # ... and more repeats until the timed rounds of a case took this long
+    repeats: int = 5  # at least this many timed rounds per kernel and case (after 2 warm-ups)
+    min_seconds: float = 2.0  # ... and more (at most 40) until a case's timed phase took this long
     bench_dtype: str = ""  # "" = float32 on the CPU, bfloat16 on a GPU
     stage3_timeout: float = 1400.0  # seconds for the whole fine-tuning benchmark (its runs are children)
     stage3_budget: str = ""  # kernel_lab.macrobench budget: "" = by device ("cpu" tiny, "gpu" real)
@@ -103,27 +102,6 @@ def child_check(program, seed, shape_set, dtypes, names):
     guards.verify(before, "after running the kernels")
     return _jsonable({"results": results, "table": correctness.format_table(results),
                       "failures": [correctness.format_failure(r) for r in results if not r["passed"]]})
-
-
-def child_bench(program, initial, seed, repeats, dtype, names, min_seconds=2.0):
-    """Stage 2 in the child: time candidate / stock / initial, then re-check on a new seed."""
-    from kernel_lab import correctness, guards, microbench
-    from kernel_lab.ops import STOCK
-
-    before = guards.snapshot()
-    candidate = _load_guarded(program, before, "program")
-    impls = {"candidate": candidate, "stock": STOCK}
-    if initial:
-        impls["initial"] = _load_guarded(initial, before, "initial program")
-    dtype = dtype or microbench.default_dtype()
-    bench = microbench.run(impls, names=names, dtype=dtype, seed=seed, repeats=repeats,
-                           min_seconds=min_seconds)
-    guards.verify(before, "after the benchmarks")
-    # Outputs cannot have been memoized: the kernels must still be right on inputs never seen.
-    recheck = correctness.check_kernels(candidate, seed=seed + 7919, dtypes=(dtype,), names=names)
-    guards.verify(before, "after the final correctness check")
-    failures = [correctness.format_failure(r) for r in recheck if not r["passed"]]
-    return _jsonable({"bench": bench, "recheck_failures": failures})
 
 
 # ------------------------------------------------------------------ parent side
@@ -181,6 +159,17 @@ def directory_changes(before, after):
     return sorted(changed)
 
 
+def _directory_error(before):
+    """The error when the example directory changed since the fingerprint `before` (None: fine or off)."""
+    if before is None:
+        return None
+    changed = directory_changes(before, directory_fingerprint())
+    if not changed:
+        return None
+    shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    return f"the program wrote into the evaluator's directory {HERE}: {shown}"
+
+
 def _run_watched(target, kwargs, watch=True, **options):
     """run_task, turned into a failure when the child wrote into the example directory.
 
@@ -191,21 +180,14 @@ def _run_watched(target, kwargs, watch=True, **options):
     """
     before = directory_fingerprint() if watch else None
     task = run_task(target, kwargs, **options)
-    if watch and task.ok:
-        changed = directory_changes(before, directory_fingerprint())
-        if changed:
-            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-            task.ok = False
-            task.error = f"the program wrote into the evaluator's directory {HERE}: {shown}"
+    error = _directory_error(before) if task.ok else None
+    if error:
+        task.ok, task.error = False, error
     return task
 
 
 def _seed(settings):
     return settings.seed if settings.seed is not None else secrets.randbelow(2**31 - 1)
-
-
-def _program_hash(program_path):
-    return hashlib.sha256(Path(program_path).read_bytes()).hexdigest()
 
 
 def _log(settings, message):
@@ -235,90 +217,40 @@ def evaluate_stage1(program_path, **overrides):
                     "stage1_seconds": task.seconds}, artifacts)
 
 
-def _bench_table(bench):
-    lines = [f"{'kernel':22s} {'speedup':>8s} {'memory':>7s} {'vs init':>8s} "
-             f"{'cand ms':>9s} {'stock ms':>9s} {'cand MB':>8s} {'stock MB':>8s}"]
-    for k in bench["kernels"]:
-        c, s = k["candidate"], k["stock"]
-        lines.append(f"{k['kernel']:22s} {c['speedup_vs_stock']:8.3f} {c['memory_ratio_vs_stock']:7.3f} "
-                     f"{c.get('speedup_vs_initial', float('nan')):8.3f} {c['fwd_bwd_ms']:9.2f} "
-                     f"{s['fwd_bwd_ms']:9.2f} {c['peak_mb']:8.2f} {s['peak_mb']:8.2f}")
-    lines.append("speedup/memory: stock / candidate (forward+backward time, peak memory); "
-                 f"{bench['dtype']} on {bench['device']}, median of {bench['repeats']} repeats")
-    return "\n".join(lines)
-
-
-def stage2_metrics(bench):
-    """Numeric metrics of a micro-benchmark run: per-kernel ratios, geometric means, micro score."""
-    kernels = {k["kernel"]: k["candidate"] for k in bench["kernels"]}
-    micro = score.micro_score({name: (c["speedup_vs_stock"], c["memory_ratio_vs_stock"])
-                               for name, c in kernels.items()})
-    metrics = {"combined_score": micro, "micro_score": micro}
-    for key in ("speedup_vs_stock", "memory_ratio_vs_stock", "speedup_vs_initial"):
-        values = [c[key] for c in kernels.values() if key in c]
-        if values:
-            metrics[key] = score.geometric_mean(values)
-    for name, c in kernels.items():
-        metrics[f"{name}_speedup"] = c["speedup_vs_stock"]
-        metrics[f"{name}_memory_ratio"] = c["memory_ratio_vs_stock"]
-    return metrics
-
-
 def evaluate_stage2(program_path, **overrides):
-    """Micro-benchmarks in a child under the device lock; combined_score = micro score."""
+    """Micro-benchmarks (kernel_lab.stage2) under the device lock; combined_score from the micro score."""
     settings = Settings.from_env(**overrides)
     seed = _seed(settings)
     initial = str(INITIAL_PROGRAM) if INITIAL_PROGRAM.is_file() else None
-    _log(settings, f"[stage 2] micro-benchmarks of {program_path} (seed {seed})")
+    _log(settings, f"[stage 2] micro-benchmarks of {program_path} (seed {seed}; input seeds are drawn "
+                   "afresh for every round)")
     wait_start = time.monotonic()
     try:
         with device_lock(timeout=settings.lock_timeout):
-            waited = time.monotonic() - wait_start
-            task = _run_watched("evaluator:child_bench", dict(
-                program=str(Path(program_path).resolve()), initial=initial, seed=seed,
-                repeats=settings.repeats, dtype=settings.bench_dtype or None,
-                names=settings.kernel_names(), min_seconds=settings.min_seconds,
-            ), timeout=settings.stage2_timeout, memory_limit=settings.memory_limit(),
-                echo_stderr=settings.echo, watch=settings.watch_directory)
+            start = time.monotonic()
+            before = directory_fingerprint() if settings.watch_directory else None
+            bench = stage2.run(program_path, initial=initial, names=settings.kernel_names(),
+                               dtype=settings.bench_dtype or None, repeats=settings.repeats,
+                               min_seconds=settings.min_seconds, timeout=settings.stage2_timeout,
+                               memory_limit=settings.memory_limit(), log=lambda line: _log(settings, line))
     except TimeoutError as exc:
         return _failure(2, str(exc), seed, time.monotonic() - wait_start)
-    if not task.ok:
-        return _failure(2, task.error, seed, task.seconds, task)
-    bench, failed = task.value["bench"], task.value["recheck_failures"]
-    artifacts = {"stage": "2 (micro-benchmarks)", "seed": str(seed),
-                 "benchmarks": _bench_table(bench)}
-    if failed:
-        artifacts["error"] = ("stage 2: wrong on fresh inputs after timing: " + "; ".join(failed))
-        return _result({"combined_score": 0.0, "stage2_seconds": task.seconds}, artifacts)
-    metrics = stage2_metrics(bench)
-    metrics.update(stage2_seconds=task.seconds, lock_wait_seconds=waited)
+    except stage2.MicroError as exc:
+        return _failure(2, str(exc), seed, time.monotonic() - start, exc.task)
+    seconds = time.monotonic() - start
+    error = _directory_error(before)
+    if error:
+        return _failure(2, error, seed, seconds)
+    metrics = stage2.metrics(bench)
+    metrics.update(stage2_seconds=seconds, lock_wait_seconds=start - wait_start)
+    artifacts = {"stage": "2 (micro-benchmarks)", "seed": str(seed), "benchmarks": stage2.table(bench)}
     _log(settings, artifacts["benchmarks"] + f"\nmicro score {metrics['micro_score']:.4f}")
-    _write_stage2_cache(program_path, metrics, bench, seed)
+    stage2.write_cache(program_path, metrics, bench, seed)
     return _result(metrics, artifacts)
 
 
-def _stage2_cache_path(program_path):
-    return cache_dir() / "stage2" / f"{_program_hash(program_path)}.json"
-
-
-def _write_stage2_cache(program_path, metrics, bench, seed):
-    path = _stage2_cache_path(program_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    entry = {"version": STAGE2_CACHE_VERSION, "metrics": metrics, "bench": bench, "seed": seed,
-             "time": time.time()}
-    temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(entry))
-    os.replace(temporary, path)
-
-
-def cached_stage2(program_path):
-    """Stage 2's metrics for this exact program text, or None if it was not timed here yet."""
-    path = _stage2_cache_path(program_path)
-    try:
-        entry = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return entry if entry.get("version") == STAGE2_CACHE_VERSION else None
+cached_stage2 = stage2.cached  # stage 3 folds in the cached micro score
+_write_stage2_cache = stage2.write_cache
 
 
 def stage3_macro(program_path, seed, settings):

@@ -7,9 +7,10 @@ same model (seed, data, steps) in child processes under the device lock, one run
 side per trial, the order rotated each trial so drift hits every side alike. Per side:
 median tokens/s (mlx-lm's count, compile window left out), median peak memory, final
 loss; ratios against stock. Micro: each kernel's forward+backward time and peak memory
-per program (kernel_lab.microbench, all implementations interleaved in one process),
-and for the memory-bound kernels the fraction of the device's measured copy bandwidth
-they reach (the roofline). Writes <out>/benchmark.json and <out>/benchmark.png.
+per program, measured as the evaluator's stage 2 does (kernel_lab.microrun: each program in
+its own process, stock in another, rounds alternated), and for the memory-bound kernels the
+fraction of the device's measured copy bandwidth they reach (the roofline). Writes
+<out>/benchmark.json and <out>/benchmark.png.
 """
 
 import argparse
@@ -35,7 +36,6 @@ BUDGETS = dict(
                steps_per_report=5, trials=2, learning_rate=1e-5, timeout=600,
                models="all", dtype="bfloat16", max_chars=6000),
 )
-MEMORY_BOUND = ("rms_norm", "rope", "swiglu", "cross_entropy")
 
 
 def _log(message):
@@ -88,56 +88,19 @@ def compare_sides(model, fine_tune_type, programs, budget, seed=0):
     return rows
 
 
-def copy_bandwidth(dtype="float32"):
-    """Bytes/s of a large elementwise op (read + write) on the default device: the roof."""
-    x = mx.random.normal((1 << 27,)).astype(getattr(mx, dtype))
-    mx.eval(x)
-    best = float("inf")
-    for _ in range(5):
-        mx.synchronize()
-        tic = time.perf_counter()
-        mx.eval(x * 1.0001)
-        mx.synchronize()
-        best = min(best, time.perf_counter() - tic)
-    return 2 * x.nbytes / best
+def micro_table(programs, dtype=None, seed=0, names=None):
+    """Per-kernel timings of stock and each program, measured as stage 2 measures them
+    (kernel_lab.microrun: every program in its own audited process, checked against stock every
+    round; stock alone in the reference process), with rooflines for memory-bound kernels.
+    `seed` is unused: input seeds are drawn afresh for every round."""
+    from . import microrun
 
-
-def _case_bytes(kernel, case, dtype):
-    """Least bytes forward+backward must move: inputs twice, output, cotangent, gradients."""
-    from . import shapes
-    from .ops import STOCK
-
-    args, kwargs, grad_argnums = shapes.make_inputs(kernel, case, dtype, 0)
-    arrays = [a for a in list(args) + list(kwargs.values()) if isinstance(a, mx.array)]
-    out = getattr(STOCK, kernel)(*args, **kwargs)
-    grads = sum(args[i].nbytes for i in grad_argnums)
-    return 2 * sum(a.nbytes for a in arrays) + 2 * out.nbytes + grads
-
-
-def micro_table(programs, dtype=None, seed=0):
-    """microbench over stock + programs, with roofline fractions for memory-bound kernels."""
-    from . import microbench, shapes
-    from .contract import load_program
-    from .ops import STOCK
-
-    impls = {"stock": STOCK, **{Path(p).stem: load_program(p) for p in programs}}
-    dtype = dtype or microbench.default_dtype()
-    bench = microbench.run(impls, dtype=dtype, seed=seed, log=_log)
-    bandwidth = copy_bandwidth(dtype)
-    for result in bench["kernels"]:
-        kernel = result["kernel"]
-        if kernel not in MEMORY_BOUND:
-            continue
-        for row in result["cases"]:
-            case = next(c for c in shapes.bench_cases(kernel) if c["name"] == row["case"])
-            nbytes = _case_bytes(kernel, case, dtype)
-            for name in impls:
-                seconds = row[name]["fwd_bwd_ms"] / 1e3
-                row[name]["roofline"] = nbytes / seconds / bandwidth
-        for name in impls:
-            result[name]["roofline"] = statistics.median(r[name]["roofline"] for r in result["cases"])
-    bench["copy_bandwidth_gb_s"] = bandwidth / 1e9
-    return bench
+    labels = {}
+    for path in programs:
+        label = Path(path).stem
+        labels[label if label not in labels and label != "stock" else f"{label}-{len(labels)}"] = str(path)
+    return microrun.run(labels, reference={"stock": None}, names=names, dtype=dtype, log=_log,
+                        timeout=3600.0)
 
 
 def format_tables(macro_rows, micro):

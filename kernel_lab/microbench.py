@@ -1,41 +1,46 @@
-"""Micro-benchmarks (cascade stage 2): each kernel's speed and peak memory against MLX's own.
+"""Micro-benchmarks, the worker side: functions that `kernel_lab.microrun` calls in sandbox Sessions.
 
-For every kernel and every case of `shapes.bench_cases(kernel)`, the implementations (candidate,
-stock = what MLX / mlx-lm ship, and the starting program) are timed side by side in ONE process,
-round-robin per repeat with the order rotated, so that machine noise hits all of them alike:
-- forward+backward as training runs it: `mx.vjp` with respect to the case's differentiable inputs
-  with a random cotangent, inside `mx.compile` (mlx-lm compiles its training step), outputs AND
-  gradients evaluated inside the timed region;
-- forward alone, likewise compiled and evaluated;
-- peak memory of forward+backward: `mx.get_peak_memory()` after `mx.reset_peak_memory()`, minus
-  the memory already active before the call (the inputs' own bytes).
-Every repeat draws fresh inputs (a new seed), so outputs cannot be memoized; after each round the
-timed forward outputs are compared with stock's on the same inputs (outside the timed region).
-Reported per kernel: medians over repeats, geometric means over cases, `speedup_vs_stock`
-(stock time / candidate time of forward+backward), `memory_ratio_vs_stock` (stock peak /
-candidate peak, > 1 = leaner) and `speedup_vs_initial`.
+Two kinds of worker, each its own process (`start(role=...)`):
+- "candidate": ONE program, imported under kernel_lab.audit and the tamper guards. Every round it
+  times the program's kernel and runs stock (kernel_lab.ops.STOCK) on the same inputs, compiled the
+  same way but untimed, and compares the output and every gradient with stock's
+  (`microcheck.compare`: 2x `correctness.tolerance`, shapes, dtypes, NaN/inf). Stock runs first or
+  second, alternately. Once per case it also calls the kernel twice inside one compiled graph, as a
+  training step does (`microcheck.twice_in_one_graph`).
+- "reference": stock (and the starting program), timed; never in a process that imported a candidate.
+State lives in `_S` between calls. A round (one per seed the coordinator sends): inputs
+`shapes.make_inputs(kernel, case, dtype, seed)` and a random cotangent; per implementation,
+forward+backward as training runs it (`mx.vjp` w.r.t. the case's differentiable inputs inside
+`mx.compile`, as mlx-lm compiles its step), outputs and gradients evaluated inside the timed region;
+peak memory = mx.get_peak_memory() after mx.reset_peak_memory(), minus what was active before (the
+inputs). Each round also returns a digest of stock's results (sampled values), which the coordinator
+compares across processes. Every call ends by synchronizing the device, every stream included (also
+those a program created), so no work leaks into another process's timing; a candidate that left
+more than PENDING_LIMIT of work queued fails, as do audit violations and patches (kernel_lab.guards).
 """
 
-import math
-import statistics
-import sys
+import gc
 import time
 
 import mlx.core as mx
 
 from kernel_lab import shapes
 from kernel_lab.contract import KERNEL_NAMES
+from kernel_lab.microcheck import TOLERANCE_FACTOR, compare, digest, twice_in_one_graph
 
 _clock = time.perf_counter  # bound before any candidate is imported
-_MIN_PEAK_BYTES = 1024  # floor for memory ratios (a peak can be ~0 for an in-place-ish kernel)
+PENDING_LIMIT = 0.1  # seconds of device work still queued when a candidate's call ends
+MEMORY_BOUND = ("rms_norm", "rope", "swiglu", "cross_entropy")
+_S = {}  # role, dtype, guard snapshot, implementations, the prepared case
+_STREAMS = []  # streams created in this process (mx.new_stream & co. are wrapped)
 
 
 class KernelFailure(Exception):
-    """An implementation failed (raised, mis-shaped, NaN, stale output) during benchmarking."""
+    """An implementation raised, or its result is wrong, in a benchmark round."""
 
-    def __init__(self, impl, kernel, case, message):
-        super().__init__(f"{impl} kernel {kernel} failed in benchmark case {case}: {message}")
-        self.impl, self.kernel, self.case = impl, kernel, case
+
+class PendingWork(Exception):
+    """A candidate left work running on the device when its call ended."""
 
 
 def default_dtype():
@@ -43,45 +48,184 @@ def default_dtype():
     return "float32" if mx.default_device().type == mx.DeviceType.cpu else "bfloat16"
 
 
-def _split_arrays(args, kwargs):
-    """Separate array inputs (passed to the compiled step) from Python constants (closed over)."""
-    array_slots = [("arg", i) for i, a in enumerate(args) if isinstance(a, mx.array)]
-    array_slots += [("kw", k) for k, v in kwargs.items() if isinstance(v, mx.array)]
+def _track_streams():
+    """Wrap mx.new_stream & co. so that `_sync_all` also waits for streams a program creates."""
+    for name in ("new_stream", "new_thread_local_stream", "new_thread_unsafe_stream"):
+        original = getattr(mx, name, None)
+        if original is None or getattr(original, "_kernel_lab_tracked", False):
+            continue
 
-    def gather(args, kwargs):
-        return [args[i] if kind == "arg" else kwargs[i] for kind, i in array_slots]
+        def tracked(*args, _original=original, **kwargs):
+            stream = _original(*args, **kwargs)
+            _STREAMS.append(stream)
+            return stream
 
-    def scatter(arrays):
+        tracked._kernel_lab_tracked = True
+        setattr(mx, name, tracked)
+
+
+def _sync_all():
+    """Wait for all work this process launched; returns the seconds waited."""
+    start = _clock()
+    for device in (mx.default_device(), mx.cpu):
+        mx.synchronize(device)
+    for stream in _STREAMS:
+        mx.synchronize(stream)
+    return _clock() - start
+
+
+def _finish(value, when):
+    """End of every call: device idle, no audit violation, nothing patched."""
+    from kernel_lab import guards
+
+    waited = _sync_all()
+    if _S.get("role") == "candidate":
+        from kernel_lab import audit
+
+        audit.check()
+        if waited > PENDING_LIMIT:
+            raise PendingWork(f"the program left work running on the device ({waited:.2f} s still queued "
+                              f"{when}): kernels must not launch asynchronous work (mx.async_eval, "
+                              "streams of their own) that outlives their call")
+    guards.verify(_S["guard"], when)
+    return value
+
+
+# ------------------------------------------------------------------ calls (from kernel_lab.microrun)
+
+def start(role, programs, dtype=None):
+    """Load this worker's implementations {label: program path, or None for stock}.
+
+    role "candidate": exactly one program, audited and checked against stock every round."""
+    from kernel_lab import guards
+    from kernel_lab.contract import load_program
+    from kernel_lab.ops import STOCK
+
+    if role == "candidate":
+        if len(programs) != 1 or None in programs.values():
+            raise ValueError("a candidate worker loads exactly one program")
+        from kernel_lab import audit
+
+        audit.install(next(iter(programs.values())))
+    elif role != "reference":
+        raise ValueError(f"unknown role {role!r}")
+    _track_streams()
+    _S.clear()
+    _S.update(role=role, dtype=dtype or default_dtype(), guard=guards.snapshot())
+    _S["impls"] = {label: STOCK if path is None else load_program(path) for label, path in programs.items()}
+    return _finish({"device": str(mx.default_device()), "dtype": _S["dtype"], "mlx": mx.__version__},
+                   "after importing the program")
+
+
+def cases(names=None):
+    """{kernel: [bench case, ...]} on this device (kernel_lab.bench_cases)."""
+    from kernel_lab.bench_cases import bench_cases
+
+    return {kernel: bench_cases(kernel) for kernel in (names or KERNEL_NAMES)}
+
+
+def bandwidth():
+    """Bytes/s of a large elementwise op (read + write) in the bench dtype: the roof of rooflines."""
+    size = 1 << 24 if mx.default_device().type == mx.DeviceType.cpu else 1 << 28
+    x = mx.random.normal((size,), key=mx.random.key(0)).astype(shapes.DTYPES[_S["dtype"]])
+    mx.eval(x)
+    best = float("inf")
+    for _ in range(5):
+        _, seconds, _ = _timed(lambda a: a * 1.0001, x)
+        best = min(best, seconds)
+    return _finish(2 * x.nbytes / best, "after measuring the bandwidth")
+
+
+def prepare(kernel, case, seeds):
+    """Compile every implementation for one case and run one untimed warm-up round per seed.
+
+    Returns the seconds of a round, the bytes a forward+backward must move (memory-bound kernels), the
+    names of the compared results and their limits (2x the tolerance of each)."""
+    from kernel_lab import correctness
+    from kernel_lab.ops import STOCK
+
+    _S.pop("case", None)
+    gc.collect()
+    args, kwargs, grad_argnums = shapes.make_inputs(kernel, case, _S["dtype"], seeds[0])
+    expected = getattr(STOCK, kernel)(*args, **kwargs)  # lazy: fixes the cotangent's shape and dtype
+    steps = {label: make_step(getattr(ns, kernel), args, kwargs, grad_argnums)
+             for label, ns in _S["impls"].items()}
+    check = make_step(getattr(STOCK, kernel), args, kwargs, grad_argnums) if _S["role"] == "candidate" else None
+    names = ["output"] + [f"gradient of {correctness.ARG_NAMES[kernel][i]}" for i in grad_argnums]
+    limits = [TOLERANCE_FACTOR * correctness.tolerance(kernel, _S["dtype"], "forward")] + \
+        [TOLERANCE_FACTOR * correctness.tolerance(kernel, _S["dtype"], "grad")] * len(grad_argnums)
+    nbytes = _case_bytes(args, kwargs, grad_argnums, expected) if kernel in MEMORY_BOUND else None
+    _S["case"] = dict(kernel=kernel, name=case["name"], case=case, labels=list(steps), steps=steps,
+                      check=check, gather=_gather(args, kwargs), shape=expected.shape,
+                      out_dtype=expected.dtype, names=names, limits=limits)
+    del args, kwargs, expected
+    seconds = 0.0
+    for index, seed in enumerate(seeds):
+        start = _clock()
+        _round(seed, index)
+        seconds = _clock() - start  # the last round's: the first one compiles
+    if check is not None:
+        for label in steps:
+            try:
+                problem = twice_in_one_graph(kernel, getattr(_S["impls"][label], kernel), check, case, _S["dtype"],
+                                             seeds[:1] + [seeds[0] ^ 0x7777], _cotangent, names, limits)
+            except Exception as exc:  # noqa: BLE001 - reported with kernel and case
+                raise KernelFailure(f"{label} kernel {kernel} failed when called twice in one compiled graph "
+                                    f"(as a training step calls it per layer) in benchmark case {case['name']} "
+                                    f"({_S['dtype']}): {_describe(exc)}") from exc
+            if problem:
+                raise KernelFailure(f"{label} kernel {kernel} is wrong in benchmark case {case['name']} "
+                                    f"({_S['dtype']}): {problem}")
+    return _finish({"round_seconds": seconds, "bytes": nbytes, "names": names, "limits": limits},
+                   f"after compiling {kernel}")
+
+
+def measure(seeds, first_round=0):
+    """One timed round per seed: {"rounds": [{label: {"ms", "peak"}, "digest", "inputs"}], "seconds"}."""
+    start = _clock()
+    rows = [_round(seed, first_round + i) for i, seed in enumerate(seeds)]
+    return _finish({"rounds": rows, "seconds": _clock() - start}, f"after timing {_S['case']['kernel']}")
+
+
+# ------------------------------------------------------------------ rounds
+
+def _slots(args, kwargs):
+    """Where the array inputs are: [("arg", i) | ("kw", name)] (the rest are Python constants)."""
+    return [("arg", i) for i, a in enumerate(args) if isinstance(a, mx.array)] + \
+        [("kw", k) for k, v in kwargs.items() if isinstance(v, mx.array)]
+
+
+def _gather(args, kwargs):
+    """A function picking the array inputs (passed to the compiled step) from (args, kwargs)."""
+    slots = _slots(args, kwargs)
+    return lambda a, k: [a[i] if kind == "arg" else k[i] for kind, i in slots]
+
+
+def forward_backward(kernel_fn, args, kwargs, grad_argnums):
+    """(cotangent, *arrays) -> (output, grads): the vjp w.r.t. the case's differentiable inputs, the
+    arrays passed in, the Python constants (eps, dims, group size ...) closed over."""
+    slots = _slots(args, kwargs)
+
+    def step(cotangent, *arrays):
         full_args, full_kwargs = list(args), dict(kwargs)
-        for (kind, i), value in zip(array_slots, arrays):
+        for (kind, i), value in zip(slots, arrays):
             if kind == "arg":
                 full_args[i] = value
             else:
                 full_kwargs[i] = value
-        return full_args, full_kwargs
-
-    return gather, scatter
-
-
-def make_steps(kernel_fn, args, kwargs, grad_argnums, compile=True):
-    """(forward(arrays), forward_backward(arrays, cotangent), gather) for one kernel and case."""
-    gather, scatter = _split_arrays(args, kwargs)
-
-    def forward(*arrays):
-        full_args, full_kwargs = scatter(arrays)
-        return kernel_fn(*full_args, **full_kwargs)
-
-    def forward_backward(cotangent, *arrays):
-        full_args, full_kwargs = scatter(arrays)
         return shapes.vjp_at(kernel_fn, full_args, full_kwargs, grad_argnums, cotangent)
 
-    if compile:
-        return mx.compile(forward), mx.compile(forward_backward), gather
-    return forward, forward_backward, gather
+    return step
+
+
+def make_step(kernel_fn, args, kwargs, grad_argnums):
+    """The mx.compile'd `forward_backward`, as mlx-lm compiles its training step."""
+    return mx.compile(forward_backward(kernel_fn, args, kwargs, grad_argnums))
 
 
 def _timed(fn, *inputs):
-    """Run fn and evaluate everything it returns; (result, seconds, peak bytes above the start)."""
+    """Run fn and evaluate what it returns: (result, seconds, peak bytes above what was active)."""
+    mx.enable_compile()  # a program may have switched compilation off while it was traced
     mx.synchronize()
     mx.reset_peak_memory()
     active_before = mx.get_active_memory()
@@ -90,161 +234,56 @@ def _timed(fn, *inputs):
     mx.eval(result)
     mx.synchronize()
     seconds = _clock() - start
-    peak = max(mx.get_peak_memory() - active_before, 0)
-    return result, seconds, peak
+    return result, seconds, max(mx.get_peak_memory() - active_before, 0)
 
 
-def _describe(exc, compiled):
-    """'Type: message (at file:line ...)', with a hint when it failed under mx.compile."""
+def _cotangent(seed):
+    c = _S["case"]
+    return mx.random.normal(c["shape"], key=mx.random.key(seed ^ 0x5EED)).astype(c["out_dtype"])
+
+
+def _round(seed, index):
+    """Inputs from `seed`; every implementation timed (rotated); candidates compared with stock."""
+    c, dtype = _S["case"], _S["dtype"]
+    args, kwargs, _ = shapes.make_inputs(c["kernel"], c["case"], dtype, seed)
+    arrays = c["gather"](args, kwargs)
+    cotangent = _cotangent(seed)
+    mx.eval(arrays, cotangent)
+    del args, kwargs
+    shift = index % len(c["labels"])
+    jobs = [(label, c["steps"][label]) for label in c["labels"][shift:] + c["labels"][:shift]]
+    if c["check"] is not None:  # stock first in even rounds (so it is traced before the candidate)
+        jobs.insert(0 if index % 2 == 0 else len(jobs), ("stock", c["check"]))
+    results, row = {}, {}
+    for label, step in jobs:
+        try:
+            results[label], seconds, peak = _timed(step, cotangent, *arrays)
+        except Exception as exc:  # noqa: BLE001 - reported with kernel, case and round
+            raise KernelFailure(f"{label} kernel {c['kernel']} failed in benchmark case {c['name']} "
+                                f"({dtype}, round {index}): {_describe(exc)}") from exc
+        if c["check"] is None or label != "stock":
+            row[label] = {"ms": 1e3 * seconds, "peak": peak}
+    if c["check"] is not None:
+        for label in c["labels"]:
+            problem = compare(c["kernel"], results[label], results["stock"], c["names"], c["limits"], dtype)
+            if problem:
+                raise KernelFailure(f"{label} kernel {c['kernel']} is wrong in benchmark case {c['name']} "
+                                    f"({dtype}, round {index}, input seed {seed}): {problem}")
+    row["digest"] = digest(results["stock"], seed)
+    row["inputs"] = [[list(a.shape), str(a.dtype)] for a in arrays]
+    return row
+
+
+def _describe(exc):
+    """'Type: message (at file:line ...)', with a hint: kernels run inside mx.compile."""
     from kernel_lab.worker import describe_exception
 
-    text = describe_exception(exc)
-    if compiled:
-        text += (" [kernels run inside mx.compile, as in mlx-lm's training step: no .item(), "
-                 "no Python branches on array values, no mx.eval inside]")
-    return text
+    return describe_exception(exc) + (" [kernels run inside mx.compile, as in mlx-lm's training step: "
+                                      "no .item(), no Python branches on array values, no mx.eval inside]")
 
 
-def _stale_output_error(output, reference, dtype):
-    """Why a timed forward output does not belong to its inputs (None when it does)."""
-    if output.shape != reference.shape:
-        return f"output shape {tuple(output.shape)} != stock's {tuple(reference.shape)}"
-    out32, ref32 = output.astype(mx.float32), reference.astype(mx.float32)
-    if not mx.all(mx.isfinite(out32)).item():
-        return "NaN or inf in the output"
-    scale = max(mx.max(mx.abs(ref32)).item(), 1e-6)
-    error = mx.max(mx.abs(out32 - ref32)).item() / scale
-    limit = 2e-3 if dtype == "float32" else 6e-2
-    if error > limit:
-        return (f"output differs from stock's on the same inputs by {error:.3g} of its scale "
-                f"(> {limit:g}): stale, memoized or wrong")
-    return None
-
-
-def _geomean(values):
-    return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
-def bench_kernel(kernel, impls, *, dtype, seed, repeats=5, warmup=2, compile=True, log=None,
-                 min_seconds=2.0, max_repeats=40):
-    """Time every implementation of one kernel on each bench case; see the module docstring.
-
-    At least `repeats` timed rounds per case, more (up to `max_repeats`) until the timed rounds
-    took `min_seconds`: fast kernels get many samples, so that the median shrugs off hiccups.
-    Two warm-up rounds: the first compiles, the second still pays for first-touch allocations
-    (measured on a 2-core CPU: with one, identical kernels differed by up to 20% on rope).
-
-    impls: {"candidate": fn, "stock": fn, "initial": fn, ...} (must include "stock").
-    Returns {"kernel", "cases": [per-case rows], per-impl geometric-mean summaries}.
-    """
-    if "stock" not in impls:
-        raise ValueError("impls must include 'stock' (the reference for ratios)")
-    names = list(impls)
-    case_rows = []
-    for case_index, case in enumerate(shapes.bench_cases(kernel)):
-        timings = {n: {"fwd_bwd": [], "fwd": [], "peak": []} for n in names}
-        steps = {}
-        round_index, measured_seconds = 0, 0.0
-        while round_index < warmup + repeats or (
-                measured_seconds < min_seconds and round_index < warmup + max_repeats):
-            round_start = _clock()
-            round_seed = seed * 1_000_003 + case_index * 1009 + round_index
-            args, kwargs, grad_argnums = shapes.make_inputs(kernel, case, dtype, round_seed)
-            if not steps:
-                steps = {n: make_steps(impls[n], args, kwargs, grad_argnums, compile) for n in names}
-                reference = impls["stock"](*args, **kwargs)  # fixes the cotangent's shape
-                out_shape, out_dtype = reference.shape, reference.dtype
-                del reference
-            arrays = steps["stock"][2](args, kwargs)
-            mx.eval(arrays)
-            cotangent = mx.random.normal(out_shape, key=mx.random.key(round_seed)).astype(out_dtype)
-            mx.eval(cotangent)
-            outputs = {}
-            shift = round_index % len(names)
-            for n in names[shift:] + names[:shift]:
-                forward, forward_backward, _ = steps[n]
-                try:
-                    out, fwd_seconds, _ = _timed(forward, *arrays)
-                    _, fb_seconds, peak = _timed(forward_backward, cotangent, *arrays)
-                except Exception as exc:  # noqa: BLE001 - reported with kernel and case
-                    raise KernelFailure(n, kernel, case["name"], _describe(exc, compile)) from exc
-                outputs[n] = out
-                if round_index >= warmup:
-                    timings[n]["fwd"].append(fwd_seconds)
-                    timings[n]["fwd_bwd"].append(fb_seconds)
-                    timings[n]["peak"].append(peak)
-            for n in names:
-                problem = _stale_output_error(outputs[n], outputs["stock"], dtype)
-                if problem:
-                    raise KernelFailure(n, kernel, case["name"], problem)
-            del outputs, arrays, cotangent
-            if round_index >= warmup:
-                measured_seconds += _clock() - round_start
-            round_index += 1
-        row = {"case": case["name"], "tokens": list(case["tokens"]), "repeats": round_index - warmup}
-        for n in names:
-            row[n] = {
-                "fwd_bwd_ms": 1e3 * statistics.median(timings[n]["fwd_bwd"]),
-                "fwd_ms": 1e3 * statistics.median(timings[n]["fwd"]),
-                "peak_mb": max(timings[n]["peak"]) / 2**20,
-                "fwd_bwd_spread": _spread(timings[n]["fwd_bwd"]),
-            }
-        case_rows.append(row)
-        if log:
-            log(f"  {kernel:22s} {case['name']:40s} x{row['repeats']:<3d}" + "  ".join(
-                f"{n} {row[n]['fwd_bwd_ms']:.2f} ms / {row[n]['peak_mb']:.1f} MB" for n in names))
-    return summarize(kernel, case_rows, names)
-
-
-def _spread(samples):
-    """Interquartile range / median of the repeats: how noisy this measurement was."""
-    if len(samples) < 2:
-        return 0.0
-    low, _, high = statistics.quantiles(samples, n=4)
-    median = statistics.median(samples)
-    return (high - low) / median if median > 0 else 0.0
-
-
-def summarize(kernel, case_rows, names):
-    """Per-kernel ratios against stock (and initial), geometric means over cases."""
-    result = {"kernel": kernel, "cases": case_rows}
-    floor_mb = _MIN_PEAK_BYTES / 2**20
-    for n in names:
-        result[n] = {
-            "fwd_bwd_ms": _geomean([r[n]["fwd_bwd_ms"] for r in case_rows]),
-            "fwd_ms": _geomean([r[n]["fwd_ms"] for r in case_rows]),
-            "peak_mb": _geomean([max(r[n]["peak_mb"], floor_mb) for r in case_rows]),
-        }
-        if n == "stock":
-            continue
-        result[n]["speedup_vs_stock"] = _geomean(
-            [r["stock"]["fwd_bwd_ms"] / r[n]["fwd_bwd_ms"] for r in case_rows])
-        result[n]["fwd_speedup_vs_stock"] = _geomean(
-            [r["stock"]["fwd_ms"] / r[n]["fwd_ms"] for r in case_rows])
-        result[n]["memory_ratio_vs_stock"] = _geomean(
-            [max(r["stock"]["peak_mb"], floor_mb) / max(r[n]["peak_mb"], floor_mb)
-             for r in case_rows])
-        if "initial" in names and n != "initial":
-            result[n]["speedup_vs_initial"] = _geomean(
-                [r["initial"]["fwd_bwd_ms"] / r[n]["fwd_bwd_ms"] for r in case_rows])
-    return result
-
-
-def run(impls, *, names=None, dtype=None, seed=0, repeats=5, warmup=2, compile=True, log=None,
-        min_seconds=2.0):
-    """Benchmark every kernel (or `names`) for each namespace in impls {"candidate": ns, ...}."""
-    dtype = dtype or default_dtype()
-    names = list(names or KERNEL_NAMES)
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    log(f"micro-benchmarks on {mx.default_device()} in {dtype}, {repeats} repeats "
-        f"(+{warmup} warm-up), {'compiled' if compile else 'eager'}")
-    results = []
-    for kernel in names:
-        start = _clock()
-        functions = {label: getattr(ns, kernel) for label, ns in impls.items()}
-        results.append(bench_kernel(kernel, functions, dtype=dtype, seed=seed, repeats=repeats,
-                                    warmup=warmup, compile=compile, log=log,
-                                    min_seconds=min_seconds))
-        log(f"  {kernel}: {_clock() - start:.1f} s")
-    return {"dtype": dtype, "device": str(mx.default_device()), "repeats": repeats,
-            "compiled": compile, "kernels": results}
+def _case_bytes(args, kwargs, grad_argnums, output):
+    """Least bytes forward+backward must move: inputs twice, output and cotangent, gradients."""
+    arrays = [a for a in list(args) + list(kwargs.values()) if isinstance(a, mx.array)]
+    grads = sum(args[i].nbytes for i in grad_argnums)
+    return 2 * sum(a.nbytes for a in arrays) + 2 * output.nbytes + grads

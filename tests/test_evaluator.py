@@ -17,7 +17,8 @@ import mlx.core as mx
 import pytest
 
 import evaluator
-from kernel_lab import guards, microbench, score
+from kernel_lab import guards, microcheck, microrun, score, shapes, stage2
+from kernel_lab.bench_cases import bench_cases
 from kernel_lab.ops import STOCK
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "hostile"))
@@ -25,7 +26,8 @@ import corpus  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OWN_FILES = ["evaluator.py", "kernel_lab/sandbox.py", "kernel_lab/worker.py", "kernel_lab/guards.py",
-             "kernel_lab/microbench.py", "kernel_lab/score.py", "tests/hostile/corpus.py"]
+             "kernel_lab/microbench.py", "kernel_lab/microrun.py", "kernel_lab/audit.py", "kernel_lab/score.py",
+             "tests/hostile/corpus.py"]
 STAGE1_TIMEOUT = 8.0
 
 
@@ -106,21 +108,70 @@ def test_guards_watch_reference_kernels_and_their_code():
     assert guards.changes(before, guards.snapshot()) == []
 
 
-# ------------------------------------------------------------------ stale outputs (anti-memo)
+# ------------------------------------------------------------------ stage 2: every timed round is checked
 
-def test_microbench_rejects_outputs_that_do_not_belong_to_their_inputs():
-    memo = {}
+def _stock_results(case, seed, dtype="float32"):
+    args, kwargs, argnums = shapes.make_inputs("rms_norm", case, dtype, seed)
+    out = STOCK.rms_norm(*args, **kwargs)
+    cotangent = mx.random.normal(out.shape, key=mx.random.key(seed))
+    result = shapes.vjp_at(STOCK.rms_norm, args, kwargs, argnums, cotangent)
+    mx.eval(result)
+    return result
 
-    def memoized(x, weight, eps):
-        key = (tuple(x.shape), str(x.dtype))
-        if key not in memo:
-            memo[key] = STOCK.rms_norm(x, weight, eps)
-        return memo[key]
 
-    with pytest.raises(microbench.KernelFailure, match="stale, memoized or wrong"):
-        microbench.bench_kernel("rms_norm", {"candidate": memoized, "stock": STOCK.rms_norm},
-                                dtype="float32", seed=0, repeats=2, warmup=1, compile=False,
-                                min_seconds=0)
+def test_compare_rejects_stale_wrong_and_malformed_results():
+    case = bench_cases("rms_norm")[0]
+    names, limits = ["output", "gradient of x", "gradient of weight"], [1e-5] * 3
+    fresh, stale = _stock_results(case, 1), _stock_results(case, 2)  # stale: other inputs (memoized)
+    assert microcheck.compare("rms_norm", fresh, fresh, names, limits, "float32") is None
+    problem = microcheck.compare("rms_norm", stale, fresh, names, limits, "float32")
+    assert problem.startswith("output differs from stock's on the same inputs by ")
+    out, (dx, dw) = fresh
+    assert microcheck.compare("rms_norm", (out, [dx, dw * 1.001]), fresh, names, limits, "float32") \
+        .startswith("gradient of weight differs")
+    nan = mx.where(mx.arange(dx.size).reshape(dx.shape) == 7, float("nan"), dx)
+    assert "gradient of x has NaN or inf" in microcheck.compare("rms_norm", (out, [nan, dw]), fresh, names,
+                                                                limits, "float32")
+    assert "output shape" in microcheck.compare("rms_norm", (out[..., :-1], [dx, dw]), fresh, names,
+                                                limits, "float32")
+    assert "output dtype" in microcheck.compare("rms_norm", (out.astype(mx.float16), [dx, dw]), fresh, names,
+                                                limits, "float32")
+    assert "gradients where stock has" in microcheck.compare("rms_norm", (out, [dx]), fresh, names, limits,
+                                                             "float32")
+
+
+def _rows(inputs, digests):
+    return [{"inputs": inputs, "digest": digests}]
+
+
+def test_cross_check_catches_other_inputs_or_another_stock():
+    prep = {"names": ["output"], "limits": [1e-3]}
+    side = microrun._Side.__new__(microrun._Side)
+    side.name, side.role, side.labels = "candidate", "candidate", ["candidate"]
+    reference = _rows([[[2, 3], "mlx.core.float32"]], [[[1.0, -2.0], 4.0]])
+    microrun._cross_check(side, reference, _rows([[[2, 3], "mlx.core.float32"]], [[[1.0, -2.0001], 4.0]]),
+                          prep, "here")
+    with pytest.raises(microrun.MicroError, match="changed the benchmark inputs"):
+        microrun._cross_check(side, reference, _rows([[[2, 3], "mlx.core.float16"]], [[[1.0, -2.0], 4.0]]),
+                              prep, "here")
+    with pytest.raises(microrun.MicroError, match="changed what it is compared with"):
+        microrun._cross_check(side, reference, _rows([[[2, 3], "mlx.core.float32"]], [[[1.0, -2.1], 4.0]]),
+                              prep, "here")
+
+
+def test_summary_uses_medians_per_case_and_geometric_means_over_cases():
+    rows = [{"case": "a", "bytes": 4e6, "stock": {"fwd_bwd_ms": 2.0, "peak_mb": 8.0},
+             "candidate": {"fwd_bwd_ms": 1.0, "peak_mb": 4.0}, "initial": {"fwd_bwd_ms": 4.0, "peak_mb": 8.0}},
+            {"case": "b", "bytes": 8e6, "stock": {"fwd_bwd_ms": 2.0, "peak_mb": 8.0},
+             "candidate": {"fwd_bwd_ms": 4.0, "peak_mb": 8.0}, "initial": {"fwd_bwd_ms": 2.0, "peak_mb": 8.0}}]
+    result = microrun.summarize("rms_norm", rows, ["stock", "initial", "candidate"], bandwidth=4e9)
+    c = result["candidate"]
+    assert math.isclose(c["speedup_vs_stock"], 1.0) and math.isclose(c["memory_ratio_vs_stock"], 2 ** 0.5)
+    assert math.isclose(c["speedup_vs_initial"], 2 ** 0.5)
+    assert math.isclose(rows[0]["candidate"]["roofline"], 1.0)  # 4 MB in 1 ms at 4 GB/s
+    assert math.isclose(c["roofline"], (1.0 + 0.5) / 2)
+    metrics = stage2.metrics({"kernels": [result], "copy_bandwidth_gb_s": 4.0})
+    assert metrics["rms_norm_roofline"] == c["roofline"] and "rms_norm_stock_roofline" in metrics
 
 
 # ------------------------------------------------------------------ hostile corpus
@@ -132,7 +183,7 @@ def test_hostile_program_scores_zero_with_a_clear_error(name, tmp_path):
     before = _hashes()
     stage = entry.get("stage", 1)
     options = dict(names=entry["kernel"] or "rms_norm", dtypes="float32", seed=1, echo=False,
-                   stage1_timeout=STAGE1_TIMEOUT, stage2_timeout=60, repeats=2,
+                   stage1_timeout=STAGE1_TIMEOUT, stage2_timeout=60, repeats=2, min_seconds=0.2,
                    memory_limit_gb=1.5, watch_directory=name == "write_next_to_evaluator")
     start = time.monotonic()
     try:

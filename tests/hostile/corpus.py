@@ -102,6 +102,114 @@ def rms_norm(x, weight, eps):
                                                        "    return nn.silu(gate) * up\n",
                            expect=["swiglu", ".item()", "mx.compile"]),
 }
+
+# ---------------------------------------------------------------- stage 2 (S2): timed calls are checked
+# Each passes stage 1's eager checks on small shapes (or never reaches a kernel there) and would have
+# passed the old stage 2 (forward compared at 2e-3, gradients never, one process for everything).
+RMS_Y = """    xf = x.astype(mx.float32)
+    y = (xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype) * weight
+"""
+STAGE2_CORPUS = {
+    # .item() works eagerly and inside mx.vjp (stage 1) but raises while mx.compile traces.
+    "wrong_only_compiled": dict(stage=2, kernel="rms_norm", code="def rms_norm(x, weight, eps):\n" + RMS_Y + """\
+    try:
+        x.sum().item()
+        return y
+    except ValueError:  # being traced by mx.compile, as the benchmark and training are
+        return y * 1.001 if x.size >= 65536 else y
+""", expect=["rms_norm", "is wrong in benchmark case", "output differs from stock's"]),
+    # Stage 1 uses at most 128 tokens, the benchmark at least 256.
+    "wrong_above_n_tokens": dict(stage=2, kernel="swiglu", code="""def swiglu(gate, up):
+    out = gate * mx.sigmoid(gate) * up
+    return out * 1.002 if gate.size // gate.shape[-1] > 200 else out
+""", expect=["swiglu", "is wrong", "output differs"]),
+    # Right for the first call (the first case's trace), wrong from then on: caught where a training
+    # step would call it again, once per layer, in the same compiled graph.
+    "right_first_k_calls": dict(stage=2, kernel="rms_norm", code="_calls = [0]\n\n\ndef rms_norm(x, weight, eps):\n"
+                                + RMS_Y + """\
+    _calls[0] += 1
+    return y if _calls[0] <= 1 else y * 0.999
+""", expect=["rms_norm", "is wrong in benchmark case", "in one compiled graph"]),
+    # Wrong gradient of `up` at benchmark sizes only: the forward is exact.
+    "wrong_grad_at_bench_shapes": dict(stage=2, kernel="swiglu", code="""@mx.custom_function
+def swiglu(gate, up):
+    return gate * mx.sigmoid(gate) * up
+
+
+@swiglu.vjp
+def _swiglu_vjp(primals, cotangent, output):
+    gate, up = primals
+    s = mx.sigmoid(gate)
+    d_up = cotangent * gate * s
+    if gate.size // gate.shape[-1] > 200:
+        d_up = d_up * 1.01
+    return cotangent * up * s * (1 + gate * (1 - s)), d_up
+""", expect=["swiglu", "gradient of up differs from stock's"]),
+    # Detects the benchmark from the call stack (and would skip the normalization there).
+    "stack_inspection": dict(stage=2, kernel="rms_norm", code="""def rms_norm(x, weight, eps):
+    import inspect
+    if any("microbench" in frame.filename for frame in inspect.stack()):
+        return x * weight
+""" + RMS_Y + "    return y\n", expect=["rms_norm", "audit", "read the call stack", "in rms_norm"]),
+    # The same through a traceback's frame and f_back (no inspect).
+    "frame_walk": dict(stage=2, kernel="rms_norm", code="""def rms_norm(x, weight, eps):
+    try:
+        raise RuntimeError
+    except RuntimeError as exc:
+        frame = exc.__traceback__.tb_frame
+    while frame is not None and "microbench" not in frame.f_code.co_filename:
+        frame = frame.f_back
+""" + RMS_Y + "    return y if frame is None else y * 1.0\n",
+                       expect=["rms_norm", "audit", "read frames (tb_frame"]),
+    # A thread started at import that would slow the other process or reset the peak memory; the
+    # program swallows the refusal, the recorded attempt still fails it.
+    "thread_at_import": dict(stage=2, kernel=None, code="""import threading
+
+
+def _meddle():
+    while True:
+        mx.reset_peak_memory()
+
+
+try:
+    threading.Thread(target=_meddle, daemon=True).start()
+except Exception:
+    pass
+""", expect=["audit", "started a thread", "in <module>"]),
+    "subprocess_at_import": dict(stage=2, kernel=None, code="""import subprocess
+import sys
+
+subprocess.Popen([sys.executable, "-c", "while True: pass"])
+""", expect=["audit", "created a process (subprocess.Popen)"]),
+    # Device work left running (on a stream of its own) to slow whatever is timed next.
+    "async_work_at_import": dict(stage=2, kernel=None, code="""_n, _k = (512, 24) if mx.default_device() == mx.cpu else (8192, 400)
+_stream = mx.new_stream(mx.default_device())
+with mx.stream(_stream):
+    _a = mx.random.normal((_n, _n)) / _n ** 0.5
+    _b = _a
+    for _ in range(_k):
+        _b = mx.tanh(_b @ _a)
+mx.async_eval(_b)
+""", expect=["left work running on the device", "asynchronous"]),
+    # Stock kernels, but timed in float16 where the reference is in float32: the inputs differ.
+    "change_inputs": dict(stage=2, kernel="rms_norm", code="""import kernel_lab.shapes as _shapes
+
+_shapes.DTYPES["float32"] = mx.float16
+
+
+def rms_norm(x, weight, eps):
+    return mx.fast.rms_norm(x, weight, eps)
+""", expect=["changed the benchmark inputs", "float16"]),
+    # Lowers the priority of the other workers (its siblings) so that they time slower.
+    "renice_siblings": dict(stage=2, kernel=None, code="""import os
+import psutil
+
+for _p in psutil.Process(os.getppid()).children():
+    if _p.pid != os.getpid():
+        _p.nice(19)
+""", expect=["scheduling", "changed", "reprioritize"]),
+}
+CORPUS.update(STAGE2_CORPUS)
 # Harmless: relative writes land in the child's temp working directory; the program still passes.
 HARMLESS = {
     "relative_write": dict(kernel=None, code="open('evaluator.py', 'w').write('pwned')\n"

@@ -1,0 +1,85 @@
+"""Checks of the micro-benchmark workers (kernel_lab.microbench): results against stock's.
+
+`compare` judges a candidate's timed output and gradients against stock's on the same inputs;
+`digest` condenses stock's results so that two processes can be compared; `twice_in_one_graph`
+calls a kernel on two inputs inside ONE compiled graph, as a training step calls it once per layer
+(a kernel that keeps state between calls, e.g. memoizes by shape, is wrong there).
+"""
+
+import mlx.core as mx
+
+from kernel_lab import shapes
+
+PROBES = 64  # values sampled per output for the digest of stock's results
+TOLERANCE_FACTOR = 2.0  # times correctness.tolerance: candidate vs stock on the same inputs
+
+
+def compare(kernel, result, reference, names, limits, dtype):
+    """How (output, grads) differs from stock's beyond the limits ('what: why'), or None."""
+    from kernel_lab.correctness import FLOAT32_LOSS
+
+    values = [result[0], *result[1]]
+    refs = [reference[0], *reference[1]]
+    if len(values) != len(refs):
+        return f"{len(values) - 1} gradients where stock has {len(refs) - 1}"
+    for what, value, ref in zip(names, values, refs):
+        if not isinstance(value, mx.array):
+            return f"{what} is a {type(value).__name__}, not an mx.array"
+        if tuple(value.shape) != tuple(ref.shape):
+            return f"{what} shape {tuple(value.shape)} != stock's {tuple(ref.shape)}"
+        allowed = {ref.dtype} | ({mx.float32} if kernel in FLOAT32_LOSS and what == "output" else set())
+        if value.dtype not in allowed:
+            return f"{what} dtype {value.dtype} != stock's {ref.dtype}"
+    stats = []
+    for value, ref in zip(values, refs):
+        v, r = value.astype(mx.float32), ref.astype(mx.float32)
+        finite = mx.isfinite(r)
+        lost = mx.logical_and(finite, mx.logical_not(mx.isfinite(v)))
+        stats.append(mx.stack([mx.any(lost).astype(mx.float32),
+                               mx.max(mx.where(finite, mx.abs(v - r), 0.0)),
+                               mx.max(mx.where(finite, mx.abs(r), 0.0))]))
+    mx.eval(stats)
+    for what, limit, (bad, diff, scale) in zip(names, limits, (s.tolist() for s in stats)):
+        if bad:
+            return f"{what} has NaN or inf where stock's is finite"
+        error = diff / scale if scale > 0 else diff
+        if not error <= limit:  # also catches NaN
+            return (f"{what} differs from stock's on the same inputs by {error:.3g} x max|stock| "
+                    f"> {limit:.3g} ({TOLERANCE_FACTOR:g} x the {dtype} tolerance)")
+    return None
+
+
+def digest(result, seed):
+    """[[PROBES values at random positions, max|.|] per output and gradient]: stock's results in
+    brief, for the coordinator to compare across processes (same seed, same positions)."""
+    key = mx.random.key(seed ^ 0xD16E57)
+    parts = []
+    for array in [result[0], *result[1]]:
+        flat = array.reshape(-1).astype(mx.float32)
+        positions = mx.random.randint(0, flat.size, (PROBES,), key=key)
+        parts.append((flat[positions], mx.max(mx.abs(flat))))
+    mx.eval(parts)
+    return [[values.tolist(), top.item()] for values, top in parts]
+
+
+def twice_in_one_graph(kernel, kernel_fn, stock_step, case, dtype, seeds, cotangent_of, names, limits):
+    """Problem text (or None) when two calls of kernel_fn in one compiled graph do not both match stock."""
+    from kernel_lab.microbench import _gather, forward_backward
+
+    inputs = [shapes.make_inputs(kernel, case, dtype, seed) for seed in seeds]
+    steps = [forward_backward(kernel_fn, *inp) for inp in inputs]
+    gathered = [_gather(args, kwargs)(args, kwargs) for args, kwargs, _ in inputs]
+    cotangents = [cotangent_of(seed) for seed in seeds]
+    count = len(gathered[0])
+
+    def both(c0, c1, *arrays):
+        return steps[0](c0, *arrays[:count]), steps[1](c1, *arrays[count:])
+
+    results = mx.compile(both)(*cotangents, *gathered[0], *gathered[1])
+    for which, (result, cotangent, arrays) in enumerate(zip(results, cotangents, gathered)):
+        reference = stock_step(cotangent, *arrays)
+        mx.eval(result, reference)
+        problem = compare(kernel, result, reference, names, limits, dtype)
+        if problem:
+            return f"call {which + 1} of 2 in one compiled graph (as a training step calls it per layer): {problem}"
+    return None
