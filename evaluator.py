@@ -7,11 +7,12 @@ This process never imports MLX: every stage runs the candidate in an isolated ch
 program does — a syntax error, an endless loop, os._exit, a segfault, NaN gradients, patching
 mx.fast — the stage returns combined_score 0 with an `error` artifact naming the cause.
 Stage 1 (`evaluate_stage1`): import + `kernel_lab.correctness.check_kernels` against the float64
-oracle -> 0.25 when every kernel passes. Stage 2 (`evaluate_stage2`): `kernel_lab.stage2`
-under the device lock: the program timed in its own audited process against stock and the starting
+oracle -> 0.25 when every kernel passes. Stage 2 (`evaluate_stage2`): `kernel_lab.stage2` under
+the device lock: the program timed in its own audited process against stock and the starting
 program in another, checked against stock on every timed round -> micro score (1.0 = as fast and
-lean as MLX's own kernels), cached by program hash for stage 3. Stage 3 (`evaluate_stage3`): real mlx-lm LoRA fine-tuning, folded with the
-micro score by `kernel_lab.score.combined_score`. The score formulas live in `kernel_lab/score.py`.
+lean as MLX's own kernels), cached by program hash for stage 3. Stage 3 (`evaluate_stage3`): real
+mlx-lm LoRA fine-tuning, folded with the micro score by `kernel_lab.score.combined_score`. The score
+formulas live in `kernel_lab/score.py`.
 """
 
 import argparse

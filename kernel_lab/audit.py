@@ -1,8 +1,9 @@
 """An audit hook for a candidate's child: what the program's own code may not do.
 
-    audit.install(program_path)   # in the child, before the program is imported (and before guards.snapshot)
+    audit.install(program_path)   # in the child, before guards.snapshot() and the program's import
     ...                           # import and run the program
-    audit.check()                 # raises AuditViolation naming the first attempt and where (file:line)
+    audit.check()                 # raises AuditViolation naming the first attempt and where (file:line);
+                                  # kernel_lab.guards.verify() calls it first, so one line wires a stage
 
 Forbidden to the program's code: starting threads; creating processes (fork, posix_spawn, exec*,
 system, subprocess); sending signals or installing signal handlers and timers (they would run its

@@ -157,7 +157,11 @@ def changes(before, after):
 
 
 def verify(before, when):
-    """Raise TamperError naming what the candidate patched since `before` ("after import", ...)."""
+    """Raise TamperError naming what the candidate patched since `before` ("after import", ...);
+    first kernel_lab.audit's check (a no-op unless `audit.install` ran in this process)."""
+    from kernel_lab import audit
+
+    audit.check()
     found = changes(before, snapshot())
     if found:
         shown = ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")

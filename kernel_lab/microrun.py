@@ -129,7 +129,8 @@ def _bench_case(sides, kernel, case, options, deadline, log):
     preps = _call_all(sides, "prepare", lambda s: {"kernel": kernel, "case": case,
                                                     "seeds": [_seed() for _ in range(options["warmup"])]},
                       deadline, f"compiling and warming up {where}")
-    per_call = max(TARGET_CALL_SECONDS / max(max(p["round_seconds"] for p in preps), 1e-4), 1)
+    round_seconds = max([p["round_seconds"] for p in preps if p["round_seconds"] is not None] or [1.0])
+    per_call = max(TARGET_CALL_SECONDS / max(round_seconds, 1e-4), 1)
     samples = {label: {"ms": [], "peak": []} for s in sides for label in s.labels}
     count, turn, idle, started = 0, 0, 0.0, time.monotonic()
     while count < options["repeats"] or (time.monotonic() - started < options["min_seconds"]

@@ -142,3 +142,10 @@ def test_a_quiet_program_passes(tmp_path):
     program = _write_probe(tmp_path, ALLOWED)
     result = run_task("audit_tasks:quiet", {"program": str(program)}, timeout=60, env=ENV)
     assert result.ok and result.value == [], result.error
+
+
+def test_guards_verify_reports_a_swallowed_attempt(tmp_path):
+    program = _write_probe(tmp_path, {"thread": ATTACKS["thread"][0]})
+    result = run_task("audit_tasks:through_guards", {"program": str(program)}, timeout=60, env=ENV)
+    assert result.ok, result.error
+    assert result.value.startswith("audit: the program started a thread at probe.py:")

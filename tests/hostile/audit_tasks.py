@@ -40,3 +40,20 @@ def quiet(program):
     module.attempts()
     audit.check()
     return audit.violations()
+
+
+def through_guards(program):
+    """A swallowed attempt fails guards.verify too (one `audit.install` line wires a stage)."""
+    from kernel_lab import audit, guards
+
+    audit.install(program)
+    before = guards.snapshot()
+    spec = importlib.util.spec_from_file_location("audit_guarded", program)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.attempts()
+    try:
+        guards.verify(before, "after running")
+    except audit.AuditViolation as exc:
+        return str(exc)
+    return None

@@ -205,8 +205,11 @@ def rms_norm(x, weight, eps):
 import psutil
 
 for _p in psutil.Process(os.getppid()).children():
-    if _p.pid != os.getpid():
-        _p.nice(19)
+    try:
+        if _p.pid != os.getpid() and "kernel_lab.worker" in " ".join(_p.cmdline()):
+            _p.nice(19)
+    except psutil.Error:
+        pass
 """, expect=["scheduling", "changed", "reprioritize"]),
 }
 CORPUS.update(STAGE2_CORPUS)
