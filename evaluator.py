@@ -30,7 +30,7 @@ if str(HERE) not in sys.path:  # openevolve loads this file by path
     sys.path.insert(0, str(HERE))
 
 from kernel_lab import score, stage2  # noqa: E402
-from kernel_lab.sandbox import cache_dir, device_lock, run_task  # noqa: E402
+from kernel_lab.sandbox import device_lock, run_task  # noqa: E402
 
 INITIAL_PROGRAM = HERE / "initial_program.py"
 WATCHED_SUFFIXES = {".py", ".pth", ".yaml", ".yml", ".toml", ".ini", ".cfg"}

@@ -55,6 +55,7 @@ WATCHED_MODULES = (
     "kernel_lab.worker",
     "kernel_lab.audit",
     "kernel_lab.microcheck",
+    "kernel_lab.microsteps",
     "kernel_lab.bench_cases",
 )
 # Namespaces of functions (attributes of a watched module) whose own entries are watched too.

@@ -29,12 +29,14 @@ import mlx.core as mx
 from kernel_lab import shapes
 from kernel_lab.contract import KERNEL_NAMES
 from kernel_lab.microcheck import TOLERANCE_FACTOR, compare, digest, twice_in_one_graph
+from kernel_lab.microsteps import gather, make_step, sync_all, timed, track_streams
 
 _clock = time.perf_counter  # bound before any candidate is imported
 PENDING_LIMIT = 0.1  # seconds of device work still queued when a candidate's call ends
 MEMORY_BOUND = ("rms_norm", "rope", "swiglu", "cross_entropy")
-_S = {}  # role, dtype, guard snapshot, implementations, the prepared case
-_STREAMS = []  # streams created in this process (mx.new_stream & co. are wrapped)
+UNTIMED = "stock-untimed"  # the label of the stock step a worker runs beside a lone timed one
+_ROLE, _DTYPE = None, None  # set by start() before the guard snapshot
+_S = {}  # guard snapshot, implementations, the prepared case
 
 
 class KernelFailure(Exception):
@@ -50,38 +52,12 @@ def default_dtype():
     return "float32" if mx.default_device().type == mx.DeviceType.cpu else "bfloat16"
 
 
-def _track_streams():
-    """Wrap mx.new_stream & co. so that `_sync_all` also waits for streams a program creates."""
-    for name in ("new_stream", "new_thread_local_stream", "new_thread_unsafe_stream"):
-        original = getattr(mx, name, None)
-        if original is None or getattr(original, "_kernel_lab_tracked", False):
-            continue
-
-        def tracked(*args, _original=original, **kwargs):
-            stream = _original(*args, **kwargs)
-            _STREAMS.append(stream)
-            return stream
-
-        tracked._kernel_lab_tracked = True
-        setattr(mx, name, tracked)
-
-
-def _sync_all():
-    """Wait for all work this process launched; returns the seconds waited."""
-    start = _clock()
-    for device in (mx.default_device(), mx.cpu):
-        mx.synchronize(device)
-    for stream in _STREAMS:
-        mx.synchronize(stream)
-    return _clock() - start
-
-
 def _finish(value, when):
     """End of every call: device idle, no audit violation, nothing patched."""
     from kernel_lab import guards
 
-    waited = _sync_all()
-    if _S.get("role") == "candidate":
+    waited = sync_all()
+    if _ROLE == "candidate":
         from kernel_lab import audit
 
         audit.check()
@@ -99,6 +75,7 @@ def start(role, programs, dtype=None):
     """Load this worker's implementations {label: program path, or None for stock}.
 
     role "candidate": exactly one program, audited and checked against stock every round."""
+    global _ROLE, _DTYPE
     from kernel_lab import guards
     from kernel_lab.contract import load_program
     from kernel_lab.ops import STOCK
@@ -111,186 +88,150 @@ def start(role, programs, dtype=None):
         audit.install(next(iter(programs.values())))
     elif role != "reference":
         raise ValueError(f"unknown role {role!r}")
-    _track_streams()
+    _ROLE, _DTYPE = role, dtype or default_dtype()  # module attributes: the guards watch them
+    track_streams()
     _S.clear()
-    _S.update(role=role, dtype=dtype or default_dtype(), guard=guards.snapshot())
+    _S["guard"] = guards.snapshot()
     _S["impls"] = {label: STOCK if path is None else load_program(path) for label, path in programs.items()}
-    return _finish({"device": str(mx.default_device()), "dtype": _S["dtype"], "mlx": mx.__version__},
+    return _finish({"device": str(mx.default_device()), "dtype": _DTYPE, "mlx": mx.__version__},
                    "after importing the program")
 
 
 def cases(names=None):
-    """{kernel: [bench case, ...]} on this device (kernel_lab.bench_cases)."""
+    """{kernel: {"cases": [bench case, ...], "names": [compared results], "limits": [their limits]}}
+    on this device (kernel_lab.bench_cases); limits are 2x correctness.tolerance in this dtype."""
+    from kernel_lab import correctness
     from kernel_lab.bench_cases import bench_cases
 
-    return {kernel: bench_cases(kernel) for kernel in (names or KERNEL_NAMES)}
+    found = {}
+    for kernel in names or KERNEL_NAMES:
+        kernel_cases = bench_cases(kernel)
+        _, _, grad_argnums = shapes.make_inputs(kernel, dict(kernel_cases[0], tokens=(1, 2)), _DTYPE, 0)
+        found[kernel] = {
+            "cases": kernel_cases,
+            "names": ["output"] + [f"gradient of {correctness.ARG_NAMES[kernel][i]}" for i in grad_argnums],
+            "limits": [TOLERANCE_FACTOR * correctness.tolerance(kernel, _DTYPE, "forward")]
+            + [TOLERANCE_FACTOR * correctness.tolerance(kernel, _DTYPE, "grad")] * len(grad_argnums)}
+    return found
 
 
 def bandwidth():
     """Bytes/s of a large elementwise op (read + write) in the bench dtype: the roof of rooflines."""
     size = 1 << 24 if mx.default_device().type == mx.DeviceType.cpu else 1 << 28
-    x = mx.arange(size, dtype=mx.float32).astype(shapes.DTYPES[_S["dtype"]])  # cheap, materialized
+    x = mx.arange(size, dtype=mx.float32).astype(shapes.DTYPES[_DTYPE])  # cheap, materialized
     mx.eval(x)
     best = float("inf")
     for _ in range(5):
-        _, seconds, _ = _timed(lambda a: a * 1.0001, x)
+        _, seconds, _ = timed(lambda a: a * 1.0001, x)
         best = min(best, seconds)
     return _finish(2 * x.nbytes / best, "after measuring the bandwidth")
 
 
-def prepare(kernel, case, seeds):
+def prepare(kernel, case, seeds, names, limits):
     """Compile every implementation for one case and run one untimed warm-up round per seed (in a
     candidate worker the second is `_twice`: the kernel called twice in one compiled graph).
 
-    Returns the seconds of a round (None if no round ran after the compiling one), the bytes a
-    forward+backward must move (memory-bound kernels), the names of the compared results and their
-    limits (2x the tolerance of each)."""
-    from kernel_lab import correctness
+    `names` and `limits` (of the compared results) come from the coordinator with every call, not
+    from this process's state. Returns the seconds of a round (None if no round ran after the
+    compiling one), the bytes a forward+backward must move (memory-bound kernels) and the ids of the
+    compiled steps (the coordinator checks that the rounds run those very objects)."""
     from kernel_lab.ops import STOCK
 
     _S.pop("case", None)
     gc.collect()
-    args, kwargs, grad_argnums = shapes.make_inputs(kernel, case, _S["dtype"], seeds[0])
+    args, kwargs, grad_argnums = shapes.make_inputs(kernel, case, _DTYPE, seeds[0])
     expected = getattr(STOCK, kernel)(*args, **kwargs)  # lazy: fixes the cotangent's shape and dtype
     steps = {label: make_step(getattr(ns, kernel), args, kwargs, grad_argnums)
              for label, ns in _S["impls"].items()}
     # Every worker runs two forward+backwards a round, so that each timed one comes first (right after
     # the inputs are made) half of the time: a candidate worker times its program and runs stock to
     # compare; a reference worker with stock alone runs stock once more, untimed.
-    partner = len(steps) == 1 and (_S["role"] == "candidate" or "stock" in steps)
-    check = make_step(getattr(STOCK, kernel), args, kwargs, grad_argnums) if partner else None
-    names = ["output"] + [f"gradient of {correctness.ARG_NAMES[kernel][i]}" for i in grad_argnums]
-    limits = [TOLERANCE_FACTOR * correctness.tolerance(kernel, _S["dtype"], "forward")] + \
-        [TOLERANCE_FACTOR * correctness.tolerance(kernel, _S["dtype"], "grad")] * len(grad_argnums)
+    if len(steps) == 1 and (_ROLE == "candidate" or "stock" in steps):
+        steps[UNTIMED] = make_step(getattr(STOCK, kernel), args, kwargs, grad_argnums)
+    step_ids = {label: id(step) for label, step in steps.items()}  # before any program code runs here
     nbytes = _case_bytes(args, kwargs, grad_argnums, expected) if kernel in MEMORY_BOUND else None
-    _S["case"] = dict(kernel=kernel, name=case["name"], case=case, labels=list(steps), steps=steps,
-                      check=check, gather=_gather(args, kwargs), shape=expected.shape,
-                      out_dtype=expected.dtype, names=names, limits=limits)
+    _S["case"] = dict(kernel=kernel, name=case["name"], case=case, steps=steps, gather=gather(args, kwargs),
+                      shape=expected.shape, out_dtype=expected.dtype)
     del args, kwargs, expected
     seconds = None
     for index, seed in enumerate(seeds):
         start = _clock()
-        if _S["role"] == "candidate" and index == 1:  # a candidate's second warm-up: twice in one graph
-            _twice(seed)
+        if _ROLE == "candidate" and index == 1:  # a candidate's second warm-up: twice in one graph
+            _twice(seed, names, limits)
         else:
-            _round(seed, index)
+            _round(seed, index, names, limits)
             seconds = _clock() - start if index else None  # the first round compiles
-    if _S["role"] == "candidate" and len(seeds) < 2:
-        _twice(seeds[0] ^ 0x5151)
-    return _finish({"round_seconds": seconds, "bytes": nbytes, "names": names, "limits": limits},
-                   f"after compiling {kernel}")
+    if _ROLE == "candidate" and len(seeds) < 2:
+        _twice(seeds[0] ^ 0x5151, names, limits)
+    return _finish({"round_seconds": seconds, "bytes": nbytes, "step_ids": step_ids}, f"after compiling {kernel}")
 
 
-def _twice(seed):
+def _twice(seed, names, limits):
     """Each candidate kernel called twice inside one compiled graph must match stock both times."""
     c = _S["case"]
-    for label in c["labels"]:
+    for label in c["steps"]:
+        if label == UNTIMED:
+            continue
         kernel_fn = getattr(_S["impls"][label], c["kernel"])
         try:
-            problem = twice_in_one_graph(c["kernel"], kernel_fn, c["check"], c["case"], _S["dtype"],
-                                         [seed, seed ^ 0x7777], _cotangent, c["names"], c["limits"])
+            problem = twice_in_one_graph(c["kernel"], kernel_fn, c["steps"][UNTIMED], c["case"], _DTYPE,
+                                         [seed, seed ^ 0x7777], _cotangent, names, limits)
         except Exception as exc:  # noqa: BLE001 - reported with kernel and case
             raise KernelFailure(f"{label} kernel {c['kernel']} failed when called twice in one compiled graph "
                                 f"(as a training step calls it per layer) in benchmark case {c['name']} "
-                                f"({_S['dtype']}): {_describe(exc)}") from exc
+                                f"({_DTYPE}): {_describe(exc)}") from exc
         if problem:
             raise KernelFailure(f"{label} kernel {c['kernel']} is wrong in benchmark case {c['name']} "
-                                f"({_S['dtype']}): {problem}")
+                                f"({_DTYPE}): {problem}")
 
 
-def measure(seeds, first_round=0):
-    """One timed round per seed: {"rounds": [{label: {"ms", "peak"}, "digest", "inputs"}], "seconds"}."""
+def measure(seeds, first_round, names, limits):
+    """One timed round per seed: {"rounds": [{label: {"ms", "peak"}, "digests", "inputs", "step_ids"}],
+    "seconds"}; a candidate's results are compared with stock's (`names`, `limits`) every round."""
     start = _clock()
-    rows = [_round(seed, first_round + i) for i, seed in enumerate(seeds)]
+    rows = [_round(seed, first_round + i, names, limits) for i, seed in enumerate(seeds)]
     return _finish({"rounds": rows, "seconds": _clock() - start}, f"after timing {_S['case']['kernel']}")
 
 
 # ------------------------------------------------------------------ rounds
-
-def _slots(args, kwargs):
-    """Where the array inputs are: [("arg", i) | ("kw", name)] (the rest are Python constants)."""
-    return [("arg", i) for i, a in enumerate(args) if isinstance(a, mx.array)] + \
-        [("kw", k) for k, v in kwargs.items() if isinstance(v, mx.array)]
-
-
-def _gather(args, kwargs):
-    """A function picking the array inputs (passed to the compiled step) from (args, kwargs)."""
-    slots = _slots(args, kwargs)
-    return lambda a, k: [a[i] if kind == "arg" else k[i] for kind, i in slots]
-
-
-def forward_backward(kernel_fn, args, kwargs, grad_argnums):
-    """(cotangent, *arrays) -> (output, grads): the vjp w.r.t. the case's differentiable inputs, the
-    arrays passed in, the Python constants (eps, dims, group size ...) closed over."""
-    slots = _slots(args, kwargs)
-    args = [None if isinstance(a, mx.array) else a for a in args]  # arrays come with each call
-    kwargs = {k: None if isinstance(v, mx.array) else v for k, v in kwargs.items()}
-
-    def step(cotangent, *arrays):
-        full_args, full_kwargs = list(args), dict(kwargs)
-        for (kind, i), value in zip(slots, arrays):
-            if kind == "arg":
-                full_args[i] = value
-            else:
-                full_kwargs[i] = value
-        return shapes.vjp_at(kernel_fn, full_args, full_kwargs, grad_argnums, cotangent)
-
-    return step
-
-
-def make_step(kernel_fn, args, kwargs, grad_argnums):
-    """The mx.compile'd `forward_backward`, as mlx-lm compiles its training step."""
-    return mx.compile(forward_backward(kernel_fn, args, kwargs, grad_argnums))
-
-
-def _timed(fn, *inputs):
-    """Run fn and evaluate what it returns: (result, seconds, peak bytes above what was active)."""
-    mx.enable_compile()  # a program may have switched compilation off while it was traced
-    mx.synchronize()
-    mx.reset_peak_memory()
-    active_before = mx.get_active_memory()
-    start = _clock()
-    result = fn(*inputs)
-    mx.eval(result)
-    mx.synchronize()
-    seconds = _clock() - start
-    return result, seconds, max(mx.get_peak_memory() - active_before, 0)
-
 
 def _cotangent(seed):
     c = _S["case"]
     return mx.random.normal(c["shape"], key=mx.random.key(seed ^ 0x5EED)).astype(c["out_dtype"])
 
 
-def _round(seed, index):
-    """Inputs from `seed`; every implementation timed (rotated); candidates compared with stock."""
-    c, dtype = _S["case"], _S["dtype"]
-    args, kwargs, _ = shapes.make_inputs(c["kernel"], c["case"], dtype, seed)
+def _round(seed, index, names, limits):
+    """Inputs from `seed`; every step run, timed ones recorded (order rotated); candidates compared
+    with stock; digests of every result, the inputs' shapes and the ids of the steps run."""
+    c = _S["case"]
+    args, kwargs, _ = shapes.make_inputs(c["kernel"], c["case"], _DTYPE, seed)
     arrays = c["gather"](args, kwargs)
     cotangent = _cotangent(seed)
     mx.eval(arrays, cotangent)
     del args, kwargs
-    shift = index % len(c["labels"])
-    jobs = [(label, c["steps"][label]) for label in c["labels"][shift:] + c["labels"][:shift]]
-    if c["check"] is not None:  # stock first in even rounds (so it is traced before the candidate)
-        jobs.insert(0 if index % 2 == 0 else len(jobs), ("stock-untimed", c["check"]))
-    results, row = {}, {}
-    for label, step in jobs:
+    labels = [label for label in c["steps"] if label != UNTIMED]
+    shift = index % len(labels)
+    order = labels[shift:] + labels[:shift]
+    if UNTIMED in c["steps"]:  # stock first in even rounds (so it is traced before the candidate)
+        order.insert(0 if index % 2 == 0 else len(order), UNTIMED)
+    results, row = {}, {"step_ids": {}}
+    for label in order:
+        step = c["steps"][label]
+        row["step_ids"][label] = id(step)
         try:
-            results[label], seconds, peak = _timed(step, cotangent, *arrays)
+            results[label], seconds, peak = timed(step, cotangent, *arrays)
         except Exception as exc:  # noqa: BLE001 - reported with kernel, case and round
             raise KernelFailure(f"{label} kernel {c['kernel']} failed in benchmark case {c['name']} "
-                                f"({dtype}, round {index}): {_describe(exc)}") from exc
-        if label != "stock-untimed":
+                                f"({_DTYPE}, round {index}): {_describe(exc)}") from exc
+        if label != UNTIMED:
             row[label] = {"ms": 1e3 * seconds, "peak": peak}
-    if _S["role"] == "candidate":
-        for label in c["labels"]:
-            problem = compare(c["kernel"], results[label], results["stock-untimed"], c["names"], c["limits"],
-                              dtype)
+    if _ROLE == "candidate":
+        for label in labels:
+            problem = compare(c["kernel"], results[label], results[UNTIMED], names, limits, _DTYPE)
             if problem:
                 raise KernelFailure(f"{label} kernel {c['kernel']} is wrong in benchmark case {c['name']} "
-                                    f"({dtype}, round {index}, input seed {seed}): {problem}")
-    row["digest"] = digest(results.get("stock", results.get("stock-untimed")), seed)
+                                    f"({_DTYPE}, round {index}, input seed {seed}): {problem}")
+    row["digests"] = {label: digest(result, seed) for label, result in results.items()}
     row["inputs"] = [[list(a.shape), str(a.dtype)] for a in arrays]
     return row
 

@@ -81,11 +81,11 @@ def digest(result, seed):
 
 def twice_in_one_graph(kernel, kernel_fn, stock_step, case, dtype, seeds, cotangent_of, names, limits):
     """Problem text (or None) when two calls of kernel_fn in one compiled graph do not both match stock."""
-    from kernel_lab.microbench import _gather, forward_backward
+    from kernel_lab.microsteps import forward_backward, gather
 
     inputs = [shapes.make_inputs(kernel, case, dtype, seed) for seed in seeds]
     steps = [forward_backward(kernel_fn, *inp) for inp in inputs]
-    gathered = [_gather(args, kwargs)(args, kwargs) for args, kwargs, _ in inputs]
+    gathered = [gather(args, kwargs)(args, kwargs) for args, kwargs, _ in inputs]
     cotangents = [cotangent_of(seed) for seed in seeds]
     count = len(gathered[0])
 

@@ -13,9 +13,11 @@ program) that never imports a candidate; then, for each kernel and bench case:
    most `max_repeats` samples). Per side and case: median time and median peak memory; per kernel,
    geometric means over cases and ratios against stock; for memory-bound kernels the share of the
    copy bandwidth measured once in the reference worker (the roofline).
-Cross-checks each round: the inputs (shapes, dtypes) and stock's results (sampled values) agree
-between each candidate's process and the reference process, so a program cannot change what it is
-compared with; after each case, nobody changed the workers' scheduling priority or CPU affinity.
+Cross-checks each round, here, outside the candidate's process (where its code could have changed
+the harness's state): the inputs (shapes, dtypes) are the reference's, the compiled steps run are
+those prepared, stock's results and the program's (sampled values) agree with stock's in the
+reference process within the limits; after each case, nobody changed the workers' scheduling
+priority or CPU affinity. The comparison limits come from the reference worker.
 """
 
 import math
@@ -113,26 +115,48 @@ def _call_all(sides, function, kwargs_of, deadline, doing):
     return [t.value for t in tasks]
 
 
-def _cross_check(side, ref_rows, rows, prep, where):
-    """Same inputs and same stock results (within the limits) in both processes, round by round."""
+UNTIMED = "stock-untimed"  # kernel_lab.microbench.UNTIMED: a worker's untimed stock step
+
+
+def _digest_error(digest, reference):
+    """max |sampled a - b| (and of max|.|) / reference max|.|: digests of one output in two processes."""
+    (values, top), (ref_values, ref_top) = digest, reference
+    diff = max([abs(a - b) for a, b in zip(values, ref_values)] + [abs(top - ref_top)])
+    return diff / ref_top if ref_top > 0 else diff
+
+
+def _cross_check(side, ref_rows, rows, spec, step_ids, kernel, case_name):
+    """A candidate worker's rounds against the reference's, seed by seed. Checked here, outside the
+    candidate's process, so that nothing it changes there can hide it: the same inputs, the same
+    compiled steps as prepared, stock's results equal to the reference's (within the limits) and the
+    program's results close to them too (at the sampled positions)."""
+    where = f"{kernel} on {case_name}"
     for ref_row, row in zip(ref_rows, rows):
         if row["inputs"] != ref_row["inputs"]:
             raise MicroError(f"{side.who()} changed the benchmark inputs in its process ({where}): "
                              f"{row['inputs']} != {ref_row['inputs']}")
-        for name, limit, (values, top), (ref_values, ref_top) in zip(
-                prep["names"], prep["limits"], row["digest"], ref_row["digest"]):
-            diff = max([abs(a - b) for a, b in zip(values, ref_values)] + [abs(top - ref_top)])
-            error = diff / ref_top if ref_top > 0 else diff
-            if not error <= limit:
-                raise MicroError(f"{side.who()} changed what it is compared with: stock's {name} in its "
-                                 f"process differs from stock's in the reference process by {error:.3g} "
-                                 f"x max|stock| ({where})")
+        if row["step_ids"] != step_ids:
+            raise MicroError(f"{side.who()} replaced the compiled steps the harness runs ({where})")
+        reference = ref_row["digests"]["stock"]
+        for label, digest in row["digests"].items():
+            for name, limit, part, ref_part in zip(spec["names"], spec["limits"], digest, reference):
+                error = _digest_error(part, ref_part)
+                if error <= limit:
+                    continue
+                if label == UNTIMED:
+                    raise MicroError(f"{side.who()} changed what it is compared with: stock's {name} in its "
+                                     f"process differs from stock's in the reference process by {error:.3g} "
+                                     f"x max|stock| ({where})")
+                raise MicroError(f"{label} kernel {kernel} is wrong in benchmark case {case_name}: its {name} "
+                                 f"differs from stock's in the reference process by {error:.3g} x max|stock| "
+                                 f"> {limit:.3g} at sampled positions")
 
 
-def _bench_case(sides, kernel, case, options, deadline, log):
+def _bench_case(sides, kernel, case, spec, options, deadline, log):
     """Warm up, then time rounds until enough samples; one row of per-side medians."""
     where = f"{kernel} on {case['name']}"
-    preps = _call_all(sides, "prepare", lambda s: {"kernel": kernel, "case": case,
+    checks = {"names": spec["names"], "limits": spec["limits"]}
+    preps = _call_all(sides, "prepare", lambda s: {"kernel": kernel, "case": case, **checks,
                                                     "seeds": [_seed() for _ in range(options["warmup"])]},
                       deadline, f"compiling and warming up {where}")
     round_seconds = max([p["round_seconds"] for p in preps if p["round_seconds"] is not None] or [1.0])
@@ -147,7 +171,7 @@ def _bench_case(sides, kernel, case, options, deadline, log):
             waiting = [s for s in sides if s is not side and s.role == "candidate"]
             before = [s.cpu() for s in waiting]
             start = time.monotonic()
-            value = _call(side, "measure", {"seeds": seeds, "first_round": options["warmup"] + count},
+            value = _call(side, "measure", {"seeds": seeds, "first_round": options["warmup"] + count, **checks},
                           deadline, f"timing {where}")
             elapsed = time.monotonic() - start
             for s, used in zip(waiting, (s.cpu() - b for s, b in zip(waiting, before))):
@@ -160,8 +184,9 @@ def _bench_case(sides, kernel, case, options, deadline, log):
                 for label in side.labels:
                     samples[label]["ms"].append(row[label]["ms"])
                     samples[label]["peak"].append(row[label]["peak"])
-        for side in sides[1:]:
-            _cross_check(side, results[sides[0].name], results[side.name], preps[0], where)
+        for side, prep in zip(sides[1:], preps[1:]):
+            _cross_check(side, results[sides[0].name], results[side.name], spec, prep["step_ids"], kernel,
+                         case["name"])
         count += len(seeds)
         turn += 1
     for side in sides:
@@ -245,9 +270,9 @@ def run(programs, *, reference, names=None, dtype=None, repeats=5, warmup=2, min
         log(f"micro-benchmarks on {info['device']} in {info['dtype']}: {', '.join(labels)}, each program in "
             f"its own process; >= {repeats} rounds (+{warmup} warm-up) and >= {min_seconds:g} s a case")
         kernels = []
-        for kernel, kernel_cases in cases.items():
+        for kernel, spec in cases.items():
             start = time.monotonic()
-            rows = [_bench_case(sides, kernel, case, options, deadline, log) for case in kernel_cases]
+            rows = [_bench_case(sides, kernel, case, spec, options, deadline, log) for case in spec["cases"]]
             kernels.append(summarize(kernel, rows, labels, bandwidth))
             log(f"  {kernel}: {time.monotonic() - start:.1f} s")
     finally:

@@ -19,6 +19,7 @@ import pytest
 import evaluator
 from kernel_lab import guards, microcheck, microrun, score, shapes, stage2
 from kernel_lab.bench_cases import bench_cases
+from kernel_lab.contract import KERNEL_NAMES
 from kernel_lab.ops import STOCK
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "hostile"))
@@ -140,23 +141,44 @@ def test_compare_rejects_stale_wrong_and_malformed_results():
                                                              "float32")
 
 
-def _rows(inputs, digests):
-    return [{"inputs": inputs, "digest": digests}]
+def test_gpu_bench_cases_are_training_sized_and_build():
+    """The GPU cases (chosen at run time on a GPU) at 8x1024 tokens; inputs built here at 1x4 tokens."""
+    from kernel_lab import bench_cases as cases_module
+
+    s, q = shapes.MODEL_CONFIGS["smollm2-135m"], shapes.MODEL_CONFIGS["qwen2.5-0.5b"]
+    for kernel in KERNEL_NAMES:
+        cases = cases_module._gpu_bench_cases(kernel, s, q)
+        assert len({c["name"] for c in cases}) == len(cases) and cases[0]["model"] == "smollm2-135m"
+        assert any(c["model"] == "qwen2.5-0.5b" for c in cases)
+        for case in cases:
+            tokens = case["tokens"][0] * case["tokens"][1]
+            assert tokens == 8 * 1024 or (case.get("vocab", 0) > 100_000 and tokens == 2 * 1024), case["name"]
+            args, _, argnums = shapes.make_inputs(kernel, dict(case, tokens=(1, 4)), "bfloat16", seed=0)
+            assert all(isinstance(args[i], mx.array) for i in argnums)
 
 
-def test_cross_check_catches_other_inputs_or_another_stock():
-    prep = {"names": ["output"], "limits": [1e-3]}
+def test_cross_check_catches_other_inputs_steps_or_stock_and_wrong_samples():
+    spec = {"names": ["output"], "limits": [1e-3]}
     side = microrun._Side.__new__(microrun._Side)
     side.name, side.role, side.labels = "candidate", "candidate", ["candidate"]
-    reference = _rows([[[2, 3], "mlx.core.float32"]], [[[1.0, -2.0], 4.0]])
-    microrun._cross_check(side, reference, _rows([[[2, 3], "mlx.core.float32"]], [[[1.0, -2.0001], 4.0]]),
-                          prep, "here")
+    inputs, ids = [[[2, 3], "mlx.core.float32"]], {"stock-untimed": 1, "candidate": 2}
+    good = [[[1.0, -2.0], 4.0]]
+    reference = [{"inputs": inputs, "digests": {"stock": good}}]
+
+    def check(inputs=inputs, step_ids=ids, stock=good, candidate=good):
+        rows = [{"inputs": inputs, "step_ids": step_ids,
+                 "digests": {"stock-untimed": stock, "candidate": candidate}}]
+        microrun._cross_check(side, reference, rows, spec, ids, "rms_norm", "case-a")
+
+    check(candidate=[[[1.0, -2.0001], 4.0]])
     with pytest.raises(microrun.MicroError, match="changed the benchmark inputs"):
-        microrun._cross_check(side, reference, _rows([[[2, 3], "mlx.core.float16"]], [[[1.0, -2.0], 4.0]]),
-                              prep, "here")
+        check(inputs=[[[2, 3], "mlx.core.float16"]])
+    with pytest.raises(microrun.MicroError, match="replaced the compiled steps"):
+        check(step_ids={"stock-untimed": 1, "candidate": 3})
     with pytest.raises(microrun.MicroError, match="changed what it is compared with"):
-        microrun._cross_check(side, reference, _rows([[[2, 3], "mlx.core.float32"]], [[[1.0, -2.1], 4.0]]),
-                              prep, "here")
+        check(stock=[[[1.0, -2.1], 4.0]])
+    with pytest.raises(microrun.MicroError, match="candidate kernel rms_norm is wrong in benchmark case case-a"):
+        check(candidate=[[[1.0, -2.0], 4.1]])
 
 
 def test_summary_uses_medians_per_case_and_geometric_means_over_cases():

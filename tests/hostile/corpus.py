@@ -211,6 +211,22 @@ for _p in psutil.Process(os.getppid()).children():
     except psutil.Error:
         pass
 """, expect=["scheduling", "changed", "reprioritize"]),
+    # Reaches into the harness in its own process while traced: claims to be a reference worker (no
+    # comparison with stock, no audit) and is wrong. The guards see the attribute change.
+    "pose_as_reference": dict(stage=2, kernel="rms_norm", code="""def rms_norm(x, weight, eps):
+    import kernel_lab.microbench as _harness
+
+    _harness._ROLE = "reference"
+""" + RMS_Y + "    return y * 1.01\n", expect=["tampering", "kernel_lab.microbench._ROLE replaced"]),
+    # Makes the harness time stock's compiled step in place of its own: the coordinator, in another
+    # process, sees that the steps run are not the ones prepared.
+    "swap_timed_step": dict(stage=2, kernel="rms_norm", code="""def rms_norm(x, weight, eps):
+    import kernel_lab.microbench as _harness
+
+    steps = _harness._S.get("case", {}).get("steps", {})
+    if "stock-untimed" in steps:
+        steps["candidate"] = steps["stock-untimed"]
+""" + RMS_Y + "    return y\n", expect=["replaced the compiled steps the harness runs", "rms_norm"]),
 }
 CORPUS.update(STAGE2_CORPUS)
 # Harmless: relative writes land in the child's temp working directory; the program still passes.
