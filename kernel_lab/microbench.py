@@ -5,8 +5,9 @@ Two kinds of worker, each its own process (`start(role=...)`):
   times the program's kernel and runs stock (kernel_lab.ops.STOCK) on the same inputs, compiled the
   same way but untimed, and compares the output and every gradient with stock's
   (`microcheck.compare`: 2x `correctness.tolerance`, shapes, dtypes, NaN/inf). Stock runs first or
-  second, alternately. Once per case it also calls the kernel twice inside one compiled graph, as a
-  training step does (`microcheck.twice_in_one_graph`).
+  second, alternately. It also calls the kernel several times inside one compiled graph, as a
+  training step does once per layer (`microcheck.in_one_graph`): twice at each case's size, and
+  `graph_calls` times (the coordinator's number) at 1x8 tokens on a kernel's first case.
 - "reference": stock (and the starting program), timed; never in a process that imported a candidate.
   With stock alone it runs stock once more, untimed: every worker runs two forward+backwards a
   round, in alternating order, so that each timed one follows the making of the inputs half the time.
@@ -28,7 +29,7 @@ import mlx.core as mx
 
 from kernel_lab import shapes
 from kernel_lab.contract import KERNEL_NAMES
-from kernel_lab.microcheck import TOLERANCE_FACTOR, compare, digest, twice_in_one_graph
+from kernel_lab.microcheck import TOLERANCE_FACTOR, compare, digest, in_one_graph
 from kernel_lab.microsteps import gather, make_step, sync_all, timed, track_streams
 
 _clock = time.perf_counter  # bound before any candidate is imported
@@ -127,9 +128,10 @@ def bandwidth():
     return _finish(2 * x.nbytes / best, "after measuring the bandwidth")
 
 
-def prepare(kernel, case, seeds, names, limits):
+def prepare(kernel, case, seeds, names, limits, graph_calls=0):
     """Compile every implementation for one case and run one untimed warm-up round per seed (in a
-    candidate worker the second is `_twice`: the kernel called twice in one compiled graph).
+    candidate worker the second is `_in_one_graph`: the kernel called twice in one compiled graph,
+    and `graph_calls` times at 1x8 tokens when that is not 0).
 
     `names` and `limits` (of the compared results) come from the coordinator with every call, not
     from this process's state. Returns the seconds of a round (None if no round ran after the
@@ -157,32 +159,37 @@ def prepare(kernel, case, seeds, names, limits):
     for index, seed in enumerate(seeds):
         start = _clock()
         if _ROLE == "candidate" and index == 1:  # a candidate's second warm-up: twice in one graph
-            _twice(seed, names, limits)
+            _in_one_graph(seed, names, limits, graph_calls)
         else:
             _round(seed, index, names, limits)
             seconds = _clock() - start if index else None  # the first round compiles
     if _ROLE == "candidate" and len(seeds) < 2:
-        _twice(seeds[0] ^ 0x5151, names, limits)
+        _in_one_graph(seeds[0] ^ 0x5151, names, limits, graph_calls)
     return _finish({"round_seconds": seconds, "bytes": nbytes, "step_ids": step_ids}, f"after compiling {kernel}")
 
 
-def _twice(seed, names, limits):
-    """Each candidate kernel called twice inside one compiled graph must match stock both times."""
+def _in_one_graph(seed, names, limits, graph_calls):
+    """Each candidate kernel called several times inside one compiled graph must match stock every time."""
+    from kernel_lab.ops import STOCK
+
     c = _S["case"]
+    checks = [(c["case"], [seed, seed ^ 0x7777], 2)]
+    if graph_calls:
+        checks.append((dict(c["case"], tokens=(1, 8)), [seed + i for i in range(1, 5)], graph_calls))
     for label in c["steps"]:
         if label == UNTIMED:
             continue
-        kernel_fn = getattr(_S["impls"][label], c["kernel"])
-        try:
-            problem = twice_in_one_graph(c["kernel"], kernel_fn, c["steps"][UNTIMED], c["case"], _DTYPE,
-                                         [seed, seed ^ 0x7777], _cotangent, names, limits)
-        except Exception as exc:  # noqa: BLE001 - reported with kernel and case
-            raise KernelFailure(f"{label} kernel {c['kernel']} failed when called twice in one compiled graph "
-                                f"(as a training step calls it per layer) in benchmark case {c['name']} "
-                                f"({_DTYPE}): {_describe(exc)}") from exc
-        if problem:
-            raise KernelFailure(f"{label} kernel {c['kernel']} is wrong in benchmark case {c['name']} "
-                                f"({_DTYPE}): {problem}")
+        kernel_fn, stock_fn = getattr(_S["impls"][label], c["kernel"]), getattr(STOCK, c["kernel"])
+        for case, seeds, calls in checks:
+            try:
+                problem = in_one_graph(c["kernel"], kernel_fn, stock_fn, case, _DTYPE, seeds, calls, names, limits)
+            except Exception as exc:  # noqa: BLE001 - reported with kernel and case
+                raise KernelFailure(f"{label} kernel {c['kernel']} failed when called {calls} times in one compiled "
+                                    f"graph (a training step calls a kernel once per layer) in benchmark case "
+                                    f"{case['name']} at {case['tokens']} tokens ({_DTYPE}): {_describe(exc)}") from exc
+            if problem:
+                raise KernelFailure(f"{label} kernel {c['kernel']} is wrong in benchmark case {case['name']} at "
+                                    f"{tuple(case['tokens'])} tokens ({_DTYPE}): {problem}")
 
 
 def measure(seeds, first_round, names, limits):

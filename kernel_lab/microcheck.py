@@ -1,9 +1,9 @@
 """Checks of the micro-benchmark workers (kernel_lab.microbench): results against stock's.
 
 `compare` judges a candidate's timed output and gradients against stock's on the same inputs;
-`digest` condenses stock's results so that two processes can be compared; `twice_in_one_graph`
-calls a kernel on two inputs inside ONE compiled graph, as a training step calls it once per layer
-(a kernel that keeps state between calls, e.g. memoizes by shape, is wrong there).
+`digest` condenses results so that two processes can be compared; `in_one_graph` calls a kernel on
+several inputs inside ONE compiled graph, as a training step calls it once per layer (a kernel that
+keeps state between calls, memoizes by shape or counts its calls, is wrong there).
 """
 
 import math
@@ -79,24 +79,30 @@ def digest(result, seed):
     return [[values.tolist(), top.item()] for values, top in parts]
 
 
-def twice_in_one_graph(kernel, kernel_fn, stock_step, case, dtype, seeds, cotangent_of, names, limits):
-    """Problem text (or None) when two calls of kernel_fn in one compiled graph do not both match stock."""
-    from kernel_lab.microsteps import forward_backward, gather
+def in_one_graph(kernel, kernel_fn, stock_fn, case, dtype, seeds, calls, names, limits):
+    """Problem text (or None) unless each of `calls` calls of kernel_fn (forward+backward) inside ONE
+    compiled graph matches stock's on the same inputs; the calls cycle through one input set a seed."""
+    from kernel_lab.microsteps import forward_backward, gather, make_step
 
     inputs = [shapes.make_inputs(kernel, case, dtype, seed) for seed in seeds]
     steps = [forward_backward(kernel_fn, *inp) for inp in inputs]
+    stock = make_step(stock_fn, *inputs[0])
     gathered = [gather(args, kwargs)(args, kwargs) for args, kwargs, _ in inputs]
-    cotangents = [cotangent_of(seed) for seed in seeds]
+    out = stock_fn(*inputs[0][0], **inputs[0][1])  # lazy: the cotangent's shape and dtype
+    cotangents = [mx.random.normal(out.shape, key=mx.random.key(seed ^ 0x5EED)).astype(out.dtype) for seed in seeds]
+    references = [stock(cot, *arrays) for cot, arrays in zip(cotangents, gathered)]
     count = len(gathered[0])
 
-    def both(c0, c1, *arrays):
-        return steps[0](c0, *arrays[:count]), steps[1](c1, *arrays[count:])
+    def all_calls(*flat):
+        cots, arrays = flat[:len(seeds)], flat[len(seeds):]
+        return [steps[i % len(seeds)](cots[i % len(seeds)], *arrays[(i % len(seeds)) * count:][:count])
+                for i in range(calls)]
 
-    results = mx.compile(both)(*cotangents, *gathered[0], *gathered[1])
-    for which, (result, cotangent, arrays) in enumerate(zip(results, cotangents, gathered)):
-        reference = stock_step(cotangent, *arrays)
-        mx.eval(result, reference)
-        problem = compare(kernel, result, reference, names, limits, dtype)
+    results = mx.compile(all_calls)(*cotangents, *[a for arrays in gathered for a in arrays])
+    mx.eval(results, references)
+    for which, result in enumerate(results):
+        problem = compare(kernel, result, references[which % len(seeds)], names, limits, dtype)
         if problem:
-            return f"call {which + 1} of 2 in one compiled graph (as a training step calls it per layer): {problem}"
+            return (f"call {which + 1} of {calls} in one compiled graph (a training step calls a kernel "
+                    f"once per layer): {problem}")
     return None

@@ -123,13 +123,13 @@ STAGE2_CORPUS = {
     out = gate * mx.sigmoid(gate) * up
     return out * 1.002 if gate.size // gate.shape[-1] > 200 else out
 """, expect=["swiglu", "is wrong", "output differs"]),
-    # Right for the first call (the first case's trace), wrong from then on: caught where a training
-    # step would call it again, once per layer, in the same compiled graph.
+    # Right for its first 30 calls (stage 1 makes 24 in its process), wrong from then on: caught where
+    # a training step would call it again, once per layer, in the same compiled graph.
     "right_first_k_calls": dict(stage=2, kernel="rms_norm", code="_calls = [0]\n\n\ndef rms_norm(x, weight, eps):\n"
                                 + RMS_Y + """\
     _calls[0] += 1
-    return y if _calls[0] <= 1 else y * 0.999
-""", expect=["rms_norm", "is wrong in benchmark case", "in one compiled graph"]),
+    return y if _calls[0] <= 30 else y * 0.999
+""", expect=["rms_norm", "is wrong in benchmark case", "of 64 in one compiled graph"]),
     # Wrong gradient of `up` at benchmark sizes only: the forward is exact.
     "wrong_grad_at_bench_shapes": dict(stage=2, kernel="swiglu", code="""@mx.custom_function
 def swiglu(gate, up):
