@@ -104,8 +104,12 @@ def rms_norm(x, weight, eps):
 }
 
 # ---------------------------------------------------------------- stage 2 (S2): timed calls are checked
-# Each passes stage 1's eager checks on small shapes (or never reaches a kernel there) and would have
-# passed the old stage 2 (forward compared at 2e-3, gradients never, one process for everything).
+# Each passes stage 1 (float32/bfloat16/float16, seed 1). Stage 2 as it was at commit 2331a83 (one
+# process, forward compared at 2e-3, gradients never) scored wrong_only_compiled 0.96,
+# right_first_k_calls 0.99, wrong_grad_at_bench_shapes 1.07, frame_walk 0.89, thread_at_import 0.55,
+# subprocess_at_import 1.07, async_work_at_import 0.92, renice_siblings 0.99, and caught only
+# wrong_above_n_tokens and stack_inspection (by their forward). change_inputs, pose_as_reference and
+# swap_timed_step attack the separate-process design itself.
 RMS_Y = """    xf = x.astype(mx.float32)
     y = (xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype) * weight
 """
