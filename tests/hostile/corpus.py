@@ -110,32 +110,35 @@ def rms_norm(x, weight, eps):
 # subprocess_at_import 1.07, async_work_at_import 0.92, renice_siblings 0.99, and caught only
 # wrong_above_n_tokens and stack_inspection (by their forward). change_inputs, pose_as_reference and
 # swap_timed_step attack the separate-process design itself.
+# How wrong: just past the old 2e-3 limit's reach in float32; past 2x the loose bfloat16 tolerances
+# (0.05-0.1) where a GPU benchmarks in half precision.
+BAD = "_BAD = {mx.float32: 1.001, mx.bfloat16: 1.5, mx.float16: 1.5}\n\n\n"
 RMS_Y = """    xf = x.astype(mx.float32)
     y = (xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype) * weight
 """
 STAGE2_CORPUS = {
     # .item() works eagerly and inside mx.vjp (stage 1) but raises while mx.compile traces.
-    "wrong_only_compiled": dict(stage=2, kernel="rms_norm", code="def rms_norm(x, weight, eps):\n" + RMS_Y + """\
+    "wrong_only_compiled": dict(stage=2, kernel="rms_norm", code=BAD + "def rms_norm(x, weight, eps):\n" + RMS_Y + """\
     try:
         x.sum().item()
         return y
     except ValueError:  # being traced by mx.compile, as the benchmark and training are
-        return y * 1.001 if x.size >= 65536 else y
+        return y * _BAD[x.dtype] if x.size >= 65536 else y
 """, expect=["rms_norm", "is wrong in benchmark case", "output differs from stock's"]),
     # Stage 1 uses at most 128 tokens, the benchmark at least 256.
-    "wrong_above_n_tokens": dict(stage=2, kernel="swiglu", code="""def swiglu(gate, up):
+    "wrong_above_n_tokens": dict(stage=2, kernel="swiglu", code=BAD + """def swiglu(gate, up):
     out = gate * mx.sigmoid(gate) * up
-    return out * 1.002 if gate.size // gate.shape[-1] > 200 else out
+    return out * _BAD[gate.dtype] if gate.size // gate.shape[-1] > 200 else out
 """, expect=["swiglu", "is wrong", "output differs"]),
     # Right for its first 30 calls (stage 1 makes 24 in its process), wrong from then on: caught where
     # a training step would call it again, once per layer, in the same compiled graph.
-    "right_first_k_calls": dict(stage=2, kernel="rms_norm", code="_calls = [0]\n\n\ndef rms_norm(x, weight, eps):\n"
+    "right_first_k_calls": dict(stage=2, kernel="rms_norm", code=BAD + "_calls = [0]\n\n\ndef rms_norm(x, weight, eps):\n"
                                 + RMS_Y + """\
     _calls[0] += 1
-    return y if _calls[0] <= 30 else y * 0.999
+    return y if _calls[0] <= 30 else y * _BAD[x.dtype]
 """, expect=["rms_norm", "is wrong in benchmark case", "of 64 in one compiled graph"]),
     # Wrong gradient of `up` at benchmark sizes only: the forward is exact.
-    "wrong_grad_at_bench_shapes": dict(stage=2, kernel="swiglu", code="""@mx.custom_function
+    "wrong_grad_at_bench_shapes": dict(stage=2, kernel="swiglu", code=BAD + """@mx.custom_function
 def swiglu(gate, up):
     return gate * mx.sigmoid(gate) * up
 
@@ -146,7 +149,7 @@ def _swiglu_vjp(primals, cotangent, output):
     s = mx.sigmoid(gate)
     d_up = cotangent * gate * s
     if gate.size // gate.shape[-1] > 200:
-        d_up = d_up * 1.01
+        d_up = d_up * _BAD[gate.dtype]
     return cotangent * up * s * (1 + gate * (1 - s)), d_up
 """, expect=["swiglu", "gradient of up differs from stock's"]),
     # Detects the benchmark from the call stack (and would skip the normalization there).
@@ -198,7 +201,8 @@ mx.async_eval(_b)
     # Stock kernels, but timed in float16 where the reference is in float32: the inputs differ.
     "change_inputs": dict(stage=2, kernel="rms_norm", code="""import kernel_lab.shapes as _shapes
 
-_shapes.DTYPES["float32"] = mx.float16
+for _name in list(_shapes.DTYPES):
+    _shapes.DTYPES[_name] = mx.float16
 
 
 def rms_norm(x, weight, eps):
