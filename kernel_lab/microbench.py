@@ -16,10 +16,13 @@ State lives in `_S` between calls. A round (one per seed the coordinator sends):
 forward+backward as training runs it (`mx.vjp` w.r.t. the case's differentiable inputs inside
 `mx.compile`, as mlx-lm compiles its step), outputs and gradients evaluated inside the timed region;
 peak memory = mx.get_peak_memory() after mx.reset_peak_memory(), minus what was active before (the
-inputs). Each round also returns a digest of stock's results (sampled values), which the coordinator
-compares across processes. Every call ends by synchronizing the device, every stream included (also
-those a program created), so no work leaks into another process's timing; a candidate that left
-more than PENDING_LIMIT of work queued fails, as do audit violations and patches (kernel_lab.guards).
+inputs). Each round also returns digests of every result (sampled values), the inputs' shapes and
+the ids of the compiled steps it ran: the coordinator checks them against the reference process,
+since a program's code (run here at import and while traced) can reach this module's state; for the
+same reason the comparison limits arrive with every call. Every call ends by synchronizing the
+device, every stream included (also those a program created), so no work leaks into another
+process's timing; a candidate that left more than PENDING_LIMIT of work queued fails, as do audit
+violations and patches (kernel_lab.guards).
 """
 
 import gc

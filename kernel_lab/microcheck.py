@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from kernel_lab import shapes
 
-PROBES = 64  # values sampled per output for the digest of stock's results
+PROBES = 64  # values sampled per output and gradient in a result's digest
 TOLERANCE_FACTOR = 2.0  # times correctness.tolerance: candidate vs stock on the same inputs
 
 
