@@ -7,7 +7,7 @@ This process never imports MLX: every stage runs the candidate in an isolated ch
 program does — a syntax error, an endless loop, os._exit, a segfault, NaN gradients, patching
 mx.fast — the stage returns combined_score 0 with an `error` artifact naming the cause.
 Stage 1 (`evaluate_stage1`): import + `kernel_lab.correctness.check_kernels` against the float64
-oracle -> 0.25 when every kernel passes. Stage 2 (`evaluate_stage2`): `kernel_lab.microbench`
+oracle -> score.STAGE1_PASS_SCORE (0.1) when every kernel passes. Stage 2 (`evaluate_stage2`): `kernel_lab.microbench`
 under the device lock -> micro score (1.0 = as fast and lean as MLX's own kernels), cached by
 program hash for stage 3. Stage 3 (`evaluate_stage3`): real mlx-lm LoRA fine-tuning, folded with the
 micro score by `kernel_lab.score.combined_score`. The score formulas live in `kernel_lab/score.py`.
@@ -214,7 +214,7 @@ def _log(settings, message):
 
 
 def evaluate_stage1(program_path, **overrides):
-    """Import + correctness in a child: 0.25 when every kernel passes, else 0."""
+    """Import + correctness in a child: score.STAGE1_PASS_SCORE when every kernel passes, else 0."""
     settings = Settings.from_env(**overrides)
     seed = _seed(settings)
     _log(settings, f"[stage 1] correctness of {program_path} (seed {seed})")
@@ -253,7 +253,7 @@ def stage2_metrics(bench):
     kernels = {k["kernel"]: k["candidate"] for k in bench["kernels"]}
     micro = score.micro_score({name: (c["speedup_vs_stock"], c["memory_ratio_vs_stock"])
                                for name, c in kernels.items()})
-    metrics = {"combined_score": micro, "micro_score": micro}
+    metrics = {"combined_score": score.combined_score(micro), "micro_score": micro}
     for key in ("speedup_vs_stock", "memory_ratio_vs_stock", "speedup_vs_initial"):
         values = [c[key] for c in kernels.values() if key in c]
         if values:
@@ -265,7 +265,7 @@ def stage2_metrics(bench):
 
 
 def evaluate_stage2(program_path, **overrides):
-    """Micro-benchmarks in a child under the device lock; combined_score = micro score."""
+    """Micro-benchmarks in a child under the device lock; combined_score = score.stage2_score(micro)."""
     settings = Settings.from_env(**overrides)
     seed = _seed(settings)
     initial = str(INITIAL_PROGRAM) if INITIAL_PROGRAM.is_file() else None
@@ -354,7 +354,7 @@ def stage3_macro(program_path, seed, settings):
 
 
 def evaluate_stage3(program_path, **overrides):
-    """Real fine-tuning folded with the cached micro score: micro**0.25 * macro**0.75."""
+    """Real fine-tuning folded with the cached micro score: band(micro**0.25 * macro**0.75)."""
     settings = Settings.from_env(**overrides)
     entry = cached_stage2(program_path)
     if entry is None:  # stage 3 alone (CLI): time it first
@@ -371,6 +371,7 @@ def evaluate_stage3(program_path, **overrides):
     macro_value = score.macro_score(macro["runs"])
     combined = score.combined_score(micro, macro_value, loss_matches=macro["loss_matches"])
     metrics = {**macro.get("metrics", {}), "micro_score": micro, "macro_score": macro_value,
+               "fine_tuning_score": score.fine_tuning_score(micro, macro_value),
                "combined_score": combined}
     _log(settings, macro["artifacts"]["fine_tuning"] + f"\nmacro score {macro_value:.4f}, "
          f"combined {combined:.4f}")
@@ -403,8 +404,8 @@ def evaluate(program_path, **overrides):
     if merged[0]["combined_score"] < score.STAGE1_PASS_SCORE:
         return _result(*merged)
     _merge(merged, evaluate_stage2(program_path, **overrides))
-    if merged[0]["combined_score"] <= 0 or "error" in merged[1]:
-        return _result(*merged)
+    if merged[0]["combined_score"] < score.STAGE3_FLOOR or "error" in merged[1]:
+        return _result(*merged)  # openevolve's cascade stops here too
     _merge(merged, evaluate_stage3(program_path, **overrides))
     return _result(*merged)
 
