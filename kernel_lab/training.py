@@ -77,7 +77,30 @@ def convert_to_lora(model, *, fine_tune_type="lora", num_layers=2, rank=8, scale
         model, num_layers, {"rank": rank, "scale": scale, "dropout": dropout},
         use_dora=fine_tune_type == "dora",
     )
+    fix_dora_input_dims(model)
     return model
+
+
+def fix_dora_input_dims(model):
+    """Give DoRA layers over 3/5/6-bit bases an lora_a of the base's real input size.
+
+    mlx-lm 0.32's DoRALinear.from_base takes input_dims *= 32 // bits, right only when bits
+    divides 32 (its LoRALinear has the fix, dims * 32 // bits): a 5-bit layer of 896 inputs gets
+    an (840, r) lora_a and the first forward fails, in plain mlx-lm too. Re-drawn like mlx-lm
+    draws it (uniform +-1/sqrt(input_dims)); returns how many layers were fixed."""
+    from mlx_lm.tuner.dora import DoRALinear
+
+    fixed = 0
+    for _, module in model.named_modules():
+        if not isinstance(module, DoRALinear) or not isinstance(module.linear, nn.QuantizedLinear):
+            continue
+        linear = module.linear
+        input_dims = linear.weight.shape[1] * 32 // linear.bits
+        if module.lora_a.shape[0] != input_dims:
+            bound = 1 / math.sqrt(input_dims)
+            module.lora_a = mx.random.uniform(-bound, bound, (input_dims, module.lora_a.shape[1]))
+            fixed += 1
+    return fixed
 
 
 class _Recorder:
