@@ -157,3 +157,25 @@ def test_logit_postprocessing_falls_back_to_cross_entropy_on_logits():
 def test_rejects_non_models():
     with pytest.raises(PatchError, match="mlx-lm language model"):
         apply_kernels(nn.Linear(4, 4), STOCK)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_routes_through_the_kernel_and_matches_stock(family):
+    from kernel_lab.ops import attention
+
+    model = lora_model(family)
+    ref_loss, _, ref_grads = loss_and_grads(model, default_loss)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("mask") if isinstance(kwargs.get("mask"), str) else "array")
+        return attention.stock(*args, **kwargs)
+
+    report = apply_kernels(model, SimpleNamespace(**vars(STOCK), attention=counted))
+    assert report.patched["attention"] == len(model.layers), str(report)
+    loss, _, grads = loss_and_grads(model, report.loss_fn)
+    assert calls and abs(loss - ref_loss) < 1e-5
+    for name, g in ref_grads.items():
+        assert mx.allclose(grads[name], g, atol=1e-5), name
+    restore_stock(model)
+    assert not patched_modules(model)
