@@ -22,7 +22,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .diagnose import explain_error
+from .diagnose import explain_error, first_nonfinite_kernel
 from .patching import KINDS, apply_kernels, restore_stock
 from .training import LORA_SCALE, convert_to_lora, remove_lora
 
@@ -153,14 +153,23 @@ def check_gradients(model, kernels, batches, *, fine_tune_type="lora", num_layer
                 where = i
             rows = batch_rows if not rows else [
                 (n, min(c, c2), max(r, r2)) for (n, c, r), (_, c2, r2) in zip(rows, batch_rows)]
-        restore_stock(model)
         bad = failing(rows)
+        nonfinite = next((r for r in bad if r[1] == -1.0 and r[2] == float("inf")), None)
+        if nonfinite is not None:  # name the layer whose forward goes non-finite first, if one does
+            kind, path = first_nonfinite_kernel(model, kernels, batches[where])
+            if kind is not None:
+                result.update(kernel=kind, module=path)
+                result["error"] = (f"gradient check failed ({fine_tune_type}): {_describe(nonfinite)}; "
+                                   f"first non-finite output from kernel {kind} at {path} (forward)")
+        restore_stock(model)
         result.update(tensors=len(rows), failures=len(bad),
                       grad_cosine_min=min(r[1] for r in rows),
                       grad_rel_err_max=max(r[2] for r in rows),
                       worst=[list(r) for r in sorted(rows, key=lambda r: -r[2])[:3]])
         if not bad:
             result["ok"] = True
+            return result
+        if result["error"]:
             return result
         kind = _alone(model, kernels, batches[where], {r[0] for r in bad}, default_loss)
         blame = (f"; kernel {kind} patched in alone reproduces it" if kind

@@ -78,8 +78,10 @@ def _side_label(name):
     return "stock mlx-lm" if name == STOCK_SIDE else f"the kernels of {name}"
 
 
-def compare_model(comp, model, programs, fine_tune_types, *, seed=0, data=None, loaded=None):
-    """Stock and every program on one model, each fine-tune type in turn; [run dict]."""
+def compare_model(comp, model, programs, fine_tune_types, *, seed=0, data=None, loaded=None,
+                  stop_on_failure=True):
+    """Stock and every program on one model, each fine-tune type in turn; [run dict]. A side
+    that failed sits out the model's later fine-tune types (stop_on_failure: they are skipped)."""
     budget, names = comp.budget, [STOCK_SIDE] + list(programs)
     sides = {STOCK_SIDE: None, **programs}
     if loaded is None:
@@ -91,7 +93,9 @@ def compare_model(comp, model, programs, fine_tune_types, *, seed=0, data=None, 
         for name in names:
             if not loaded[name][0]:
                 run["errors"][name] = f"could not start: {loaded[name][1]['error']}"
-        if STOCK_SIDE not in alive:
+            elif name not in alive:
+                run["errors"][name] = "skipped: it failed with an earlier fine-tune type"
+        if STOCK_SIDE not in alive or len(alive) < 2:
             break
         prepare = {k: budget[k] for k in ("num_layers", "rank", "scale", "learning_rate",
                                           "window_steps", "warmup_windows", "windows",
@@ -105,9 +109,10 @@ def compare_model(comp, model, programs, fine_tune_types, *, seed=0, data=None, 
                 run["errors"][name] = f"while preparing: {value.get('error')}"
                 alive.remove(name)
         comp.log(f"[stage 3] {model} {ftt}: prepared " + ", ".join(
-            f"{n} {run['sides'][n].get('prepare_seconds', 0):.1f} s" for n in run["sides"]))
-        if STOCK_SIDE in alive:
-            _measure(comp, model, ftt, run, alive)
+            f"{n} {run['sides'][n]['prepare_seconds'] or 0:.1f} s"
+            + ("" if n not in run["errors"] else " (FAILED)") for n in run["sides"]))
+        if STOCK_SIDE in alive and len(alive) > 1 and not (run["errors"] and stop_on_failure):
+            _measure(comp, model, ftt, run, alive, stop_on_failure)
         finished = comp.together({(model, n): ("finish", {"abort": bool(run["errors"])})
                                   for n in alive}, 120)
         for name in list(alive):
@@ -116,7 +121,7 @@ def compare_model(comp, model, programs, fine_tune_types, *, seed=0, data=None, 
             if not ok and value.get("error_kind") != "aborted" and name not in run["errors"]:
                 run["errors"][name] = f"at the end of training: {value.get('error')}"
         alive = [n for n in alive if n not in run["errors"]]
-        if STOCK_SIDE not in alive:
+        if run["errors"] and stop_on_failure:
             break
     return runs
 
@@ -130,10 +135,13 @@ def _new_side(prepared):
             "wall_seconds": []}
 
 
-def _measure(comp, model, ftt, run, alive):
-    """The measured windows: one side at a time, the order rotated every window."""
+def _measure(comp, model, ftt, run, alive, stop_on_failure):
+    """The measured windows: one side at a time, the order rotated every window; ends early when
+    stock or (stop_on_failure) any side fails, or no program is left."""
     windows = comp.budget["windows"]
     for w in range(windows):
+        if STOCK_SIDE not in alive or len(alive) < 2 or (run["errors"] and stop_on_failure):
+            return
         order = alive[w % len(alive):] + alive[:w % len(alive)]
         for name in order:
             if name not in alive:
@@ -142,8 +150,6 @@ def _measure(comp, model, ftt, run, alive):
             if not ok:
                 run["errors"][name] = f"in measured window {w + 1}: {value.get('error')}"
                 alive.remove(name)
-                if name == STOCK_SIDE:
-                    return
                 continue
             side = run["sides"][name]
             side["reports"].append(value)
@@ -206,7 +212,7 @@ def run_sides(programs, *, models=None, fine_tune_types=("lora", "dora"), budget
                 if comp.budget["preload"] else {}
             for model in models:
                 runs = compare_model(comp, model, programs, fine_tune_types, seed=seed, data=data,
-                                     loaded=preloaded.get(model))
+                                     loaded=preloaded.get(model), stop_on_failure=stop_on_failure)
                 result["runs"] += runs
                 comp.close(model)
                 if stop_on_failure and any(r["errors"] for r in runs):

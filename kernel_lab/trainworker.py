@@ -78,7 +78,7 @@ def prepare(fine_tune_type="lora", *, num_layers=2, rank=8, scale=20.0, learning
     info = _in_mlx(_setup, fine_tune_type=fine_tune_type, num_layers=num_layers, rank=rank,
                    scale=scale, grad_check=grad_check, grad_batches=grad_batches, seed=seed)
     if not info["ok"]:
-        return info
+        return {**info, "seconds": time.perf_counter() - tic}
     iters = (warmup_windows + windows) * window_steps
     _STATE["run"] = {"iters": iters, "window_steps": window_steps, "running": True,
                      "pause_from": warmup_windows * window_steps}
@@ -88,7 +88,8 @@ def prepare(fine_tune_type="lora", *, num_layers=2, rank=8, scale=20.0, learning
     for _ in range(warmup_windows):
         kind, event = _next_event()
         if kind != "report":
-            return {**info, **event, "ok": False, "warmup": warmup}
+            return {**info, **event, "ok": False, "warmup": warmup,
+                    "seconds": time.perf_counter() - tic}
         warmup.append(event)
     return {**info, "warmup": warmup, "seconds": time.perf_counter() - tic}
 
