@@ -74,10 +74,6 @@ def _unpack(task):
     return bool(value.get("ok", True)), value
 
 
-def _side_label(name):
-    return "stock mlx-lm" if name == STOCK_SIDE else f"the kernels of {name}"
-
-
 def compare_model(comp, model, programs, fine_tune_types, *, seed=0, data=None, loaded=None,
                   stop_on_failure=True):
     """Stock and every program on one model, each fine-tune type in turn; [run dict]. A side
@@ -191,9 +187,12 @@ def run_sides(programs, *, models=None, fine_tune_types=("lora", "dora"), budget
     if sandbox is None:
         from . import sandbox
     comp = Comparison({}, sandbox, memory_limit, time.monotonic() + timeout, log)
-    result = {"runs": [], "error": None, "models": []}
+    result = {"runs": [], "error": None, "models": [], "lock_wait_seconds": 0.0}
+    asked = time.monotonic()
     try:
         with sandbox.device_lock(timeout=lock_timeout):
+            result["lock_wait_seconds"] = time.monotonic() - asked
+            comp.deadline = time.monotonic() + timeout  # waiting for the lock is not counted
             comp.budget = budgets.resolve_budget(budget, gpu=None, **overrides)
             first = comp.session(("?", STOCK_SIDE))
             ok, device = _unpack(first.call(f"{WORKER}:hello", {}, timeout=comp.limit(

@@ -97,6 +97,7 @@ def run_macro(program, *, models=None, fine_tune_types=("lora", "dora"), budget=
         errors.append(compared["error"])
     result = {"ok": not errors, "error": "; ".join(errors) or None, "runs": runs,
               "budget": compared.get("budget"), "device": compared.get("device"),
+              "lock_wait_seconds": compared.get("lock_wait_seconds", 0.0),
               "loss_matches": bool(runs) and all(r.get("loss_matches", False) for r in runs)}
     measured = [r for r in runs if "training_speedup" in r]
     if measured:
@@ -159,6 +160,7 @@ def evaluate(program, *, seed, budget="", models="", options="", timeout=1400.0,
                        log=quiet, **overrides)
     metrics = {k: result[k] for k in METRICS if result.get(k) is not None}
     metrics["stage3_seconds"] = time.monotonic() - tic
+    metrics["stage3_lock_wait_seconds"] = result["lock_wait_seconds"]
     runs = score_inputs(result)
     artifacts = {"fine_tuning": format_runs(result)}
     if result["error"] and not (runs and not result["loss_matches"] and

@@ -72,8 +72,8 @@ def load(model, program=None, *, dtype=None, data=None, max_chars=1500, batch_si
 
 def prepare(fine_tune_type="lora", *, num_layers=2, rank=8, scale=20.0, learning_rate=1e-5,
             window_steps=2, warmup_windows=1, windows=2, grad_check=True, grad_batches=2, seed=0):
-    """Gradient check (for a program), conversion, patching, then train() until the end of the
-    warm-up windows. {"ok", "warmup": [reports], "grad_check", "patch_report", "seconds"}."""
+    """Gradient check (for a program), conversion, then train() (which patches the kernels in)
+    until the end of the warm-up windows. {"ok", "warmup": [reports], "grad_check", "seconds"}."""
     tic = time.perf_counter()
     info = _in_mlx(_setup, fine_tune_type=fine_tune_type, num_layers=num_layers, rank=rank,
                    scale=scale, grad_check=grad_check, grad_batches=grad_batches, seed=seed)
@@ -98,7 +98,7 @@ def window():
     """Let train() run one window; {"ok", mlx-lm's report: "tokens_per_second", "train_loss",
     "iteration", ...; "peak_memory" (bytes, reset at the window start), "wall_seconds"}."""
     run = _STATE.get("run")
-    if not run or not run["running"]:
+    if not run or not run["running"] or not run.get("paused"):
         return {"ok": False, "error": "no training is paused here (prepare first)"}
     _GO.put(True)
     kind, event = _next_event()
@@ -117,7 +117,7 @@ def finish(abort=False):
     record (reports, losses, errors)."""
     run = _STATE.get("run") or {}
     record = run.get("record")
-    if abort and run.get("running"):
+    if abort and run.get("paused"):  # only a paused train() takes the signal: none may linger
         run["abort"] = True
         _GO.put(True)
     while run.get("running"):
@@ -220,9 +220,12 @@ def _train(learning_rate, iters, window_steps, seed):
     def on_report(info):
         report = {"ok": True, **info, "peak_memory": mx.get_peak_memory(),
                   "wall_seconds": time.perf_counter() - clock["start"]}
+        pause = run["pause_from"] <= info["iteration"] < run["iters"]
+        run["paused"] = pause  # set before the report goes out: the coordinator may answer at once
         _EVENTS.put(("report", report))
-        if run["pause_from"] <= info["iteration"] < run["iters"]:
+        if pause:
             _GO.get()
+            run["paused"] = False
             if run.get("abort"):
                 raise _Aborted()
         mx.reset_peak_memory()

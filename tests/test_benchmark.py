@@ -3,7 +3,6 @@ the training comparison (kernel_lab.macrobench) with scripted workers: no traini
 
 import contextlib
 import json
-import statistics
 from pathlib import Path
 
 import pytest
