@@ -290,7 +290,9 @@ def main(argv=None):
     for p in programs:
         if p not in ("stock", "none") and not p.is_file():
             parser.error(f"program not found: {p}")
-    overrides = dict(budgets.parse_options(args.option), windows=args.windows)
+    overrides = budgets.parse_options(args.option)
+    if args.windows:
+        overrides["windows"] = args.windows
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     _log(f"benchmark on {mx.default_device()}: budget {args.budget or 'by device'} {overrides}")
 
