@@ -186,13 +186,14 @@ def run_sides(programs, *, models=None, fine_tune_types=("lora", "dora"), budget
     """
     if sandbox is None:
         from . import sandbox
+    # `timeout` counts from here, the wait for the device lock included, so that stage 3 as a
+    # whole ends before OpenEvolve's own evaluation timeout (config.yaml).
     comp = Comparison({}, sandbox, memory_limit, time.monotonic() + timeout, log)
     result = {"runs": [], "error": None, "models": [], "lock_wait_seconds": 0.0}
     asked = time.monotonic()
     try:
         with sandbox.device_lock(timeout=lock_timeout):
             result["lock_wait_seconds"] = time.monotonic() - asked
-            comp.deadline = time.monotonic() + timeout  # waiting for the lock is not counted
             comp.budget = budgets.resolve_budget(budget, gpu=None, **overrides)
             first = comp.session(("?", STOCK_SIDE))
             ok, device = _unpack(first.call(f"{WORKER}:hello", {}, timeout=comp.limit(
