@@ -51,7 +51,7 @@ class Settings:
     repeats: int = 5  # at least this many timed repeats per kernel and case (after 2 warm-ups)
     min_seconds: float = 2.0  # ... and more repeats until the timed rounds of a case took this long
     bench_dtype: str = ""  # "" = float32 on the CPU, bfloat16 on a GPU
-    stage3_timeout: float = 1400.0  # seconds for the whole fine-tuning comparison (each call has its own limit too)
+    stage3_timeout: float = 1400.0  # seconds for all of stage 3 (each worker call has its own limit too)
     stage3_budget: str = ""  # kernel_lab.budgets: "" = by device ("cpu" tiny, "gpu" real)
     stage3_models: str = ""  # comma-separated model specs ("" = the budget's offline models)
     stage3_options: str = ""  # budget overrides, e.g. "batch_size=8,seq_len=512,windows=4"

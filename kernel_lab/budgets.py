@@ -12,6 +12,9 @@ A budget's entries:
   learning_rate   Adam's, as mlx_lm.lora
   grad_check      check a program's LoRA/DoRA gradients against stock's before training
   grad_batches    batches (of the timed shape) the gradient check runs on
+  grad_check_compute  check the gradients in the model's own dtype too (bfloat16 on a GPU), with
+                  looser limits (kernel_lab.gradcheck.COMPUTE_LIMITS); it catches a kernel whose
+                  gradients are wrong in that dtype only, at the cost of a second pass
   dtype           None: float32 on the CPU, the model's own dtype on a GPU
   max_chars       longest example of the embedded data set, in characters (before packing)
   preload         load every model's workers at the start, at the same time (else model by model)
@@ -21,7 +24,8 @@ A budget's entries:
                   check + compile + warm-up (generous: a cold GPU compiles for minutes); one window
 """
 
-_COMMON = dict(rank=8, scale=20.0, learning_rate=1e-5, grad_check=True, dtype=None,
+_COMMON = dict(rank=8, scale=20.0, learning_rate=1e-5, grad_check=True, grad_check_compute=False,
+               dtype=None,
                max_chars=1500, preload=True, tf32=False, load_timeout=300.0,
                prepare_timeout=900.0)
 

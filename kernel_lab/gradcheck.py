@@ -11,6 +11,11 @@ each through `mx.compile` as mlx-lm's training step runs it: with stock mlx-lm (
 must hold; a failure names the tensor (layer, module, lora_a / lora_b / m), both numbers, and
 the kernel that reproduces it when patched in alone. The model is restored afterwards (LoRA
 removed, the loaded weights put back), so training starts from exactly what was loaded.
+
+Optionally (`compute_dtype=True`) the same comparison runs again in the model's own dtype
+(bfloat16 on a GPU), with looser limits (COMPUTE_LIMITS): half-precision rounding makes legitimate
+programs differ from stock by a few percent there (0.02-0.04 on the tiny test models), while a
+gradient that is zeroed or halved only in that dtype is off by 0.5 or more.
 """
 
 import time
@@ -23,11 +28,13 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .diagnose import explain_error, first_nonfinite_kernel
+from .models import model_dtype
 from .patching import KINDS, apply_kernels, restore_stock
 from .training import LORA_SCALE, convert_to_lora, remove_lora
 
 COSINE_MIN = 0.999
 REL_ERR_MAX = 1e-2
+COMPUTE_LIMITS = (0.98, 0.25)  # (cosine, relative error) in the compute dtype when not float32
 LORA_B_SIZE = 0.1  # scale * lora_b entries: a LoRA update of ~10% of the base output
 
 
@@ -83,20 +90,20 @@ def compare(stock, cand):
     return rows
 
 
-def failing(rows):
+def failing(rows, limits=(COSINE_MIN, REL_ERR_MAX)):
     """The rows that break a limit."""
-    return [r for r in rows if not (r[1] >= COSINE_MIN and r[2] <= REL_ERR_MAX)]
+    return [r for r in rows if not (r[1] >= limits[0] and r[2] <= limits[1])]
 
 
-def _describe(row):
+def _describe(row, limits):
     name, cos, rel = row
     if cos == -1.0 and rel == float("inf"):
         return f"{name}: non-finite or missing gradient"
-    return (f"{name}: cosine {cos:.4f} (needs >= {COSINE_MIN}), relative error {rel:.3g} "
-            f"(needs <= {REL_ERR_MAX:g})")
+    return (f"{name}: cosine {cos:.4f} (needs >= {limits[0]}), relative error {rel:.3g} "
+            f"(needs <= {limits[1]:g})")
 
 
-def _alone(model, kernels, batch, bad_names, default_loss):
+def _alone(model, kernels, batch, bad_names, limits, default_loss):
     """The first kernel kind that, patched in alone, breaks one of `bad_names` again."""
     _, reference = grad_function(model, default_loss)(*batch)
     for kind in KINDS:
@@ -106,7 +113,7 @@ def _alone(model, kernels, batch, bad_names, default_loss):
             if kind != "loss" and not report.patched.get(kind):
                 continue
             _, grads = grad_function(model, report.loss_fn if kind == "loss" else default_loss)(*batch)
-            if any(r[0] in bad_names for r in failing(compare(reference, grads))):
+            if any(r[0] in bad_names for r in failing(compare(reference, grads), limits)):
                 return kind
         except Exception:  # noqa: BLE001 - a kernel that raises on its own is the culprit too
             return kind
@@ -115,74 +122,94 @@ def _alone(model, kernels, batch, bad_names, default_loss):
     return None
 
 
-def check_gradients(model, kernels, batches, *, fine_tune_type="lora", num_layers=2, rank=8,
-                    scale=LORA_SCALE, seed=0):
-    """Compare the patched model's trainable gradients with stock mlx-lm's; a JSON-able dict:
-    ok, grad_cosine_min, grad_rel_err_max, tensors, failures, worst, error, kernel, seconds."""
+def _check_in(model, kernels, batches, dtype, limits, result):
+    """One comparison with the model's floating parameters in `dtype` (LoRA layers already on)."""
     from mlx_lm.tuner.trainer import default_loss
 
+    what = f"{result['fine_tune_type']}, {dtype}, {len(batches)} batch(es) of " \
+           f"{'x'.join(map(str, result['shape']))} tokens"
+    stock_fn = grad_function(model, default_loss)
+    stock = [stock_fn(*b)[1] for b in batches]
+    mx.eval(stock)
+    cand_fn = grad_function(model, apply_kernels(model, kernels).loss_fn)
+    rows, where = [], None
+    for i, batch in enumerate(batches):
+        try:
+            _, grads = cand_fn(*batch)
+            mx.eval(grads)
+        except Exception as e:  # noqa: BLE001 - a kernel that breaks inside the model
+            kind, path, at = explain_error(e, model, kernels, batch)
+            return dict(kernel=kind, module=path, traceback=traceback.format_exc(limit=-8),
+                        error=f"the kernels fail inside the model{at}: {type(e).__name__}: {e}")
+        batch_rows = compare(stock[i], grads)
+        if where is None and failing(batch_rows, limits):
+            where = i
+        rows = batch_rows if not rows else [
+            (n, min(c, c2), max(r, r2)) for (n, c, r), (_, c2, r2) in zip(rows, batch_rows)]
+    bad = failing(rows, limits)
+    found = dict(tensors=len(rows), failures=len(bad), grad_cosine_min=min(r[1] for r in rows),
+                 grad_rel_err_max=max(r[2] for r in rows),
+                 worst=[list(r) for r in sorted(rows, key=lambda r: -r[2])[:3]])
+    if not bad:
+        return found
+    nonfinite = next((r for r in bad if r[1] == -1.0 and r[2] == float("inf")), None)
+    if nonfinite is not None:  # name the layer whose forward goes non-finite first, if one does
+        kind, path = first_nonfinite_kernel(model, kernels, batches[where])
+        if kind is not None:
+            return dict(found, kernel=kind, module=path, error=(
+                f"gradient check failed ({what}): {_describe(nonfinite, limits)}; first "
+                f"non-finite output from kernel {kind} at {path} (forward)"))
+    restore_stock(model)
+    kind = _alone(model, kernels, batches[where], {r[0] for r in bad}, limits, default_loss)
+    blame = (f"; kernel {kind} patched in alone reproduces it" if kind
+             else "; no single kernel reproduces it alone")
+    return dict(found, kernel=kind, error=(
+        f"gradient check failed ({what}): {_describe(bad[0], limits)}; {len(bad)} of {len(rows)} "
+        f"trainable tensors off{blame}"))
+
+
+def check_gradients(model, kernels, batches, *, fine_tune_type="lora", num_layers=2, rank=8,
+                    scale=LORA_SCALE, seed=0, compute_dtype=False):
+    """Compare the patched model's trainable gradients with stock mlx-lm's, in float32 (then, with
+    compute_dtype, in the model's own dtype too); a JSON-able dict: ok, grad_cosine_min,
+    grad_rel_err_max (float32), tensors, failures, worst, error, kernel, seconds, compute."""
     tic = time.perf_counter()
     pristine = tree_flatten(model.parameters())
-    compute = {v.dtype for _, v in pristine if mx.issubdtype(v.dtype, mx.floating)}
+    floats = sorted({str(v.dtype) for _, v in pristine if mx.issubdtype(v.dtype, mx.floating)})
+    own = model_dtype(model)
     result = {"ok": False, "fine_tune_type": fine_tune_type, "batches": len(batches),
               "shape": list(batches[0][0].shape), "dtype": "float32",
-              "model_dtype": ",".join(sorted(str(d) for d in compute)), "error": None}
+              "model_dtype": ",".join(floats), "error": None}
+    passes = [(mx.float32, (COSINE_MIN, REL_ERR_MAX))]
+    if compute_dtype and own != mx.float32:
+        passes.append((own, COMPUTE_LIMITS))
     try:
-        model.set_dtype(mx.float32)  # floating parameters only: packed quantized weights stay
-        convert_to_lora(model, fine_tune_type=fine_tune_type, num_layers=num_layers, rank=rank,
-                        scale=scale, seed=seed)
-        randomize_lora_b(model, seed + 1, scale)
-        mx.eval(model.parameters())
-        stock_fn = grad_function(model, default_loss)
-        stock = [stock_fn(*b)[1] for b in batches]
-        mx.eval(stock)
-        loss = apply_kernels(model, kernels).loss_fn
-        cand_fn = grad_function(model, loss)
-        rows, where = [], None
-        for i, batch in enumerate(batches):
-            try:
-                _, grads = cand_fn(*batch)
-                mx.eval(grads)
-            except Exception as e:  # noqa: BLE001 - a kernel that breaks inside the model
-                kind, path, at = explain_error(e, model, kernels, batch)
-                result.update(kernel=kind, module=path, traceback=traceback.format_exc(limit=-8),
-                              error=f"the kernels fail inside the model{at}: {type(e).__name__}: {e}")
+        for dtype, limits in passes:
+            model.set_dtype(dtype)  # floating parameters only: packed quantized weights stay
+            convert_to_lora(model, fine_tune_type=fine_tune_type, num_layers=num_layers, rank=rank,
+                            scale=scale, seed=seed)
+            randomize_lora_b(model, seed + 1, scale)
+            mx.eval(model.parameters())
+            found = _check_in(model, kernels, batches, str(dtype).rpartition(".")[2], limits, result)
+            if dtype == mx.float32:
+                result.update(found)
+            else:
+                result["compute"] = {k: v for k, v in found.items() if k != "traceback"}
+                result.update({k: found[k] for k in ("error", "kernel") if k in found})
+            _restore(model, pristine)
+            if result["error"]:
                 return result
-            batch_rows = compare(stock[i], grads)
-            if where is None and failing(batch_rows):
-                where = i
-            rows = batch_rows if not rows else [
-                (n, min(c, c2), max(r, r2)) for (n, c, r), (_, c2, r2) in zip(rows, batch_rows)]
-        bad = failing(rows)
-        nonfinite = next((r for r in bad if r[1] == -1.0 and r[2] == float("inf")), None)
-        if nonfinite is not None:  # name the layer whose forward goes non-finite first, if one does
-            kind, path = first_nonfinite_kernel(model, kernels, batches[where])
-            if kind is not None:
-                result.update(kernel=kind, module=path)
-                result["error"] = (f"gradient check failed ({fine_tune_type}): {_describe(nonfinite)}; "
-                                   f"first non-finite output from kernel {kind} at {path} (forward)")
-        restore_stock(model)
-        result.update(tensors=len(rows), failures=len(bad),
-                      grad_cosine_min=min(r[1] for r in rows),
-                      grad_rel_err_max=max(r[2] for r in rows),
-                      worst=[list(r) for r in sorted(rows, key=lambda r: -r[2])[:3]])
-        if not bad:
-            result["ok"] = True
-            return result
-        if result["error"]:
-            return result
-        kind = _alone(model, kernels, batches[where], {r[0] for r in bad}, default_loss)
-        blame = (f"; kernel {kind} patched in alone reproduces it" if kind
-                 else "; no single kernel reproduces it alone")
-        result.update(kernel=kind, error=(
-            f"gradient check failed ({fine_tune_type}, float32, {len(batches)} batch(es) of "
-            f"{'x'.join(map(str, result['shape']))} tokens): {_describe(bad[0])}; {len(bad)} of "
-            f"{len(rows)} trainable tensors off{blame}"))
+        result["ok"] = True
         return result
     finally:
-        restore_stock(model)
-        remove_lora(model)
-        model.update(tree_unflatten(pristine))
-        mx.eval(model.parameters())
-        mx.clear_cache()
+        _restore(model, pristine)
         result["seconds"] = time.perf_counter() - tic
+
+
+def _restore(model, pristine):
+    """LoRA off, the loaded parameters (and their dtype) back."""
+    restore_stock(model)
+    remove_lora(model)
+    model.update(tree_unflatten(pristine))
+    mx.eval(model.parameters())
+    mx.clear_cache()

@@ -1,10 +1,12 @@
 """One LoRA / DoRA fine-tuning run with mlx-lm's own trainer, stock or with a program's kernels.
 
-`train_once(...)` loads a model, converts its last `num_layers` blocks with
-`mlx_lm.tuner.utils.linear_to_lora_layers` (as `mlx_lm.lora` does), optionally
-patches in a program's kernels, and trains with `mlx_lm.tuner.trainer.train`
-(its compiled step; the patched loss is passed as `loss=`). It returns a plain
-dict, so it also runs as a sandbox target (`kernel_lab.training:train_once`).
+`run_training(model, ...)` trains an already converted model (`convert_to_lora`, as
+`mlx_lm.lora` does with `linear_to_lora_layers`; `remove_lora` undoes it) with
+`mlx_lm.tuner.trainer.train` (its compiled step; a program's kernels are patched in and
+its loss passed as `loss=`), on mlx-lm's batches or on any iterator of batches, calling
+`on_report` at every report (stage 3's workers pause there: `kernel_lab.trainworker`).
+`train_once(...)` loads a model first; both return plain dicts. The finetune command
+(`kernel_lab.finetune`) uses run_training too.
 
 Recorded per run: the loss at every report, the final loss, tokens/s as mlx-lm
 counts it (tokens of a report window / that window's step time), a steady rate

@@ -71,12 +71,14 @@ def load(model, program=None, *, dtype=None, data=None, max_chars=1500, batch_si
 
 
 def prepare(fine_tune_type="lora", *, num_layers=2, rank=8, scale=20.0, learning_rate=1e-5,
-            window_steps=2, warmup_windows=1, windows=2, grad_check=True, grad_batches=2, seed=0):
+            window_steps=2, warmup_windows=1, windows=2, grad_check=True, grad_batches=2,
+            grad_check_compute=False, seed=0):
     """Gradient check (for a program), conversion, then train() (which patches the kernels in)
     until the end of the warm-up windows. {"ok", "warmup": [reports], "grad_check", "seconds"}."""
     tic = time.perf_counter()
     info = _in_mlx(_setup, fine_tune_type=fine_tune_type, num_layers=num_layers, rank=rank,
-                   scale=scale, grad_check=grad_check, grad_batches=grad_batches, seed=seed)
+                   scale=scale, grad_check=grad_check, grad_batches=grad_batches,
+                   grad_check_compute=grad_check_compute, seed=seed)
     if not info["ok"]:
         return {**info, "seconds": time.perf_counter() - tic}
     iters = (warmup_windows + windows) * window_steps
@@ -177,7 +179,8 @@ def _load(model, program, dtype, data, max_chars, batch_size, seq_len, steps, se
             "batch_shape": list(batches[0][0].shape), **_hello()}
 
 
-def _setup(fine_tune_type, num_layers, rank, scale, grad_check, grad_batches, seed):
+def _setup(fine_tune_type, num_layers, rank, scale, grad_check, grad_batches, grad_check_compute,
+           seed):
     import mlx.core as mx
 
     from .training import convert_to_lora
@@ -190,7 +193,7 @@ def _setup(fine_tune_type, num_layers, rank, scale, grad_check, grad_batches, se
 
         check = check_gradients(model, kernels, _STATE["batches"][:grad_batches],
                                 fine_tune_type=fine_tune_type, num_layers=num_layers, rank=rank,
-                                scale=scale, seed=seed + 7)
+                                scale=scale, seed=seed + 7, compute_dtype=grad_check_compute)
         info["grad_check"] = check
         if not check["ok"]:
             return {**info, "ok": False, "error_kind": "gradients", "error": check["error"],

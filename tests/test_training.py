@@ -160,8 +160,8 @@ def test_the_gradient_check_restores_the_model_in_its_dtype():
     assert not tree_flatten(model.trainable_parameters())
 
 
-def _tiny_losses(kernels, fine_tune_type, batches):
-    model = tiny_model("llama")
+def _tiny_losses(kernels, fine_tune_type, batches, dtype):
+    model = tiny_model("llama", dtype=dtype)
     convert_to_lora(model, fine_tune_type=fine_tune_type, num_layers=2, rank=4)
     record = run_training(model, batches, kernels, iters=3, batch_size=2, max_seq_length=33,
                           steps_per_report=1, iterate_batches=lambda **_: iter(batches * 2))
@@ -171,19 +171,33 @@ def _tiny_losses(kernels, fine_tune_type, batches):
 
 @pytest.mark.parametrize("name", sorted(hostile.TRAINING))
 def test_hostile_training_gradients_are_caught_where_the_loss_check_is_blind(name, tmp_path):
-    """Right in stage 1's cases, wrong only at training sizes: 3 steps at learning rate 1e-5
-    leave the loss within the loss check's limits, the gradient check names tensor and kernel."""
+    """Right in stage 1's cases, wrong only at training sizes (or in bfloat16 only): 3 steps at
+    learning rate 1e-5 leave the loss within the loss check's limits, the gradient check names
+    tensor and kernel."""
     entry = hostile.TRAINING[name]
     kernels = load_program(hostile.build(name, tmp_path))
     ftt = entry.get("fine_tune_type", "lora")
+    dtype = mx.bfloat16 if entry.get("compute_only") else mx.float32
     batches = _batches(3)
-    worst, final = loss_rel_diff(_tiny_losses(None, ftt, batches), _tiny_losses(kernels, ftt, batches))
+    worst, final = loss_rel_diff(_tiny_losses(None, ftt, batches, dtype),
+                                 _tiny_losses(kernels, ftt, batches, dtype))
     assert worst < 1e-3 and final < 1e-3  # the loss check (1% / 2%) would pass it
-    result = check_gradients(tiny_model("llama"), kernels, batches[:2], fine_tune_type=ftt,
-                             num_layers=2, rank=4)
+    options = dict(fine_tune_type=ftt, num_layers=2, rank=4)
+    if entry.get("compute_only"):  # right in float32: only the check in the compute dtype sees it
+        assert check_gradients(tiny_model("llama", dtype=dtype), kernels, batches[:2], **options)["ok"]
+    result = check_gradients(tiny_model("llama", dtype=dtype), kernels, batches[:2],
+                             compute_dtype=True, **options)
     assert not result["ok"] and result["error"].startswith("gradient check failed")
     for needle in entry["expect"]:
         assert needle in result["error"], (needle, result["error"])
+
+
+def test_legitimate_programs_pass_the_check_in_bfloat16_too():
+    for kernels in (STOCK, load_program(ROOT / "examples/optimized_program.py")):
+        result = check_gradients(tiny_model("qwen2", dtype=mx.bfloat16), kernels, _batches(),
+                                 num_layers=2, rank=4, compute_dtype=True)
+        assert result["ok"], result["error"]
+        assert result["compute"]["grad_rel_err_max"] < 0.1 and result["grad_rel_err_max"] < 1e-5
 
 
 def test_a_kernel_that_breaks_inside_the_model_is_named_by_the_gradient_check():

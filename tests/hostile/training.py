@@ -60,6 +60,19 @@ def dora_linear(x, weight, scales, biases, lora_a, lora_b, scale, magnitude, *, 
     return _honest_dora_linear(x, weight, scales, biases, lora_a, lora_b, scale, magnitude,
                                group_size=group_size, bits=bits, bias=bias)
 ''', expect=["dora_linear", ".m:", "cosine 0.0000"], fine_tune_type="dora"),
+    # Zero LoRA gradients in bfloat16 only: the float32 gradient check cannot see it, the check in
+    # the compute dtype (budget entry grad_check_compute) must.
+    "zero_lora_gradients_in_bfloat16": dict(code=f'''
+_honest_lora_linear = lora_linear
+
+
+def lora_linear(x, weight, scales, biases, lora_a, lora_b, scale, *, group_size=None, bits=None,
+                bias=None):
+    if x.dtype == mx.bfloat16 and {IN_MODEL.format("x")}:
+        lora_a, lora_b = mx.stop_gradient(lora_a), mx.stop_gradient(lora_b)
+    return _honest_lora_linear(x, weight, scales, biases, lora_a, lora_b, scale,
+                               group_size=group_size, bits=bits, bias=bias)
+''', expect=["lora_linear", "bfloat16", ".lora_a", "cosine 0.0000"], compute_only=True),
 }
 
 
