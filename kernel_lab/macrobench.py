@@ -33,12 +33,12 @@ class Comparison:
     def __init__(self, budget, sandbox, memory_limit, deadline, log):
         self.budget, self.sandbox, self.memory_limit = budget, sandbox, memory_limit
         self.deadline, self.log = deadline, log
-        self.env = {} if budget.get("tf32", False) else {"MLX_ENABLE_TF32": "0"}
         self.sessions = {}
 
     def session(self, key):
         if key not in self.sessions:
-            self.sessions[key] = self.sandbox.Session(memory_limit=self.memory_limit, env=self.env)
+            env = {} if self.budget.get("tf32") else {"MLX_ENABLE_TF32": "0"}
+            self.sessions[key] = self.sandbox.Session(memory_limit=self.memory_limit, env=env)
         return self.sessions[key]
 
     def limit(self, seconds):
@@ -200,7 +200,8 @@ def run_sides(programs, *, models=None, fine_tune_types=("lora", "dora"), budget
                 comp.budget.get("load_timeout", 300))))
             if not ok:
                 raise RuntimeError(f"the training worker does not start: {device.get('error')}")
-            comp.budget = budgets.check_budget(budgets.resolve_budget(budget, gpu=device["gpu"], **overrides))
+            comp.budget = budgets.check_budget(
+                budgets.resolve_budget(budget, gpu=device["gpu"], **overrides))
             result.update(device=device, budget=comp.budget)
             models = list(models or budgets.default_models(comp.budget["models"]))
             result["models"] = models
@@ -217,7 +218,7 @@ def run_sides(programs, *, models=None, fine_tune_types=("lora", "dora"), budget
                 comp.close(model)
                 if stop_on_failure and any(r["errors"] for r in runs):
                     break
-    except (TimeoutError, RuntimeError) as exc:
+    except (TimeoutError, RuntimeError, ValueError) as exc:  # ValueError: a budget that cannot work
         result["error"] = str(exc)
     finally:
         comp.close()

@@ -59,7 +59,7 @@ class FakeSandbox:
     def __init__(self, tps, peak=None, loss=None, fail=None, gpu=False):
         self.tps, self.peak, self.loss = tps, peak or {}, loss or {}
         self.fail, self.gpu = fail or {}, gpu
-        self.log, self.closed, self.locked = [], 0, False
+        self.log, self.closed, self.locked, self.sessions = [], 0, False, []
         outer = self
 
         class Session(FakeWorker):
@@ -80,6 +80,7 @@ class FakeSandbox:
 class FakeWorker:
     def __init__(self, box, options):
         self.box, self.options, self.side, self.pending, self.count = box, options, "?", None, 0
+        box.sessions.append(self)
 
     def submit(self, target, kwargs=None):
         assert self.pending is None, "a call is still running"
@@ -147,6 +148,8 @@ def test_sides_load_and_prepare_together_and_windows_rotate():
                                            fine_tune_types=("lora", "dora"), sandbox=box,
                                            log=lambda m: None, windows=3)
     assert box.locked and box.closed == 3 and result["error"] is None
+    # float32 matmuls in true float32 (no TF32 on CUDA): the gradient check compares like with like
+    assert [s.options["env"] for s in box.sessions] == [{"MLX_ENABLE_TF32": "0"}] * 3
     functions = [f for _, f, _ in box.log]
     assert functions[:4] == ["hello", "load", "load", "load"]  # every side loads at the same time
     assert _calls(box, "load") == ["stock", "a", "b"]
