@@ -76,6 +76,7 @@ def prepare(fine_tune_type="lora", *, num_layers=2, rank=8, scale=20.0, learning
     """Gradient check (for a program), conversion, then train() (which patches the kernels in)
     until the end of the warm-up windows. {"ok", "warmup": [reports], "grad_check", "seconds"}."""
     tic = time.perf_counter()
+    _STATE["run"] = None  # nothing of an earlier fine-tune type's run may be taken for this one
     info = _in_mlx(_setup, fine_tune_type=fine_tune_type, num_layers=num_layers, rank=rank,
                    scale=scale, grad_check=grad_check, grad_batches=grad_batches,
                    grad_check_compute=grad_check_compute, seed=seed)

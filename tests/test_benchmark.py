@@ -243,3 +243,34 @@ def test_a_model_converted_in_the_cache_counts_as_offline(tmp_path, monkeypatch)
     assert registry.available_offline() == [name]
     assert budgets.default_models(budgets.BUDGETS["gpu"]["models"]) == [name]
     assert budgets.default_models("default") == [name]  # the default model is not there
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["measured", "gradient-check-fails"])
+def test_the_evaluators_stage3_folds_the_scores(fail, monkeypatch):
+    import evaluator
+    from kernel_lab import macrobench, score
+
+    failure = {"candidate": {"prepare": {"error": "gradient check failed (lora ...): x.lora_a: ...",
+                                         "grad_check": {"grad_cosine_min": 0.0,
+                                                        "grad_rel_err_max": 1.0}}}}
+    box = FakeSandbox(tps={"stock": [100, 100], "candidate": [110, 121]},
+                      peak={"stock": [2e9, 2e9], "candidate": [1e9, 1e9]},
+                      fail=failure if fail else None)
+    real = macrobench.run_sides
+    monkeypatch.setattr(macrobench, "run_sides", lambda *a, **k: real(*a, **{**k, "sandbox": box}))
+    monkeypatch.setattr(evaluator, "cached_stage2", lambda path: {"metrics": {"micro_score": 1.2}})
+    metrics, artifacts = evaluator._split(evaluator.evaluate_stage3(
+        "/x/candidate.py", seed=3, echo=False, watch_directory=False, stage3_models="m"))
+    assert metrics["micro_score"] == 1.2 and metrics["stage3_seconds"] >= 0
+    if fail:
+        assert metrics["combined_score"] == 0.0 and metrics["grad_cosine_min"] == 0.0
+        assert artifacts["error"].startswith("stage 3: m lora: training with the candidate's "
+                                             "kernels failed while preparing: gradient check failed")
+        return
+    macro = score.macro_score([(1.155, 2.0), (1.155, 2.0)])  # per run: median of 1.1 and 1.21
+    assert metrics["training_speedup"] == pytest.approx(1.155)
+    assert metrics["memory_ratio"] == pytest.approx(2.0) and metrics["memory_reduction"] == 0.5
+    assert metrics["macro_score"] == pytest.approx(macro)
+    assert metrics["combined_score"] == pytest.approx(score.combined_score(1.2, macro))
+    assert metrics["grad_rel_err_max"] == 2e-3 and "per window: 1.100 1.210" in artifacts["fine_tuning"]
+
