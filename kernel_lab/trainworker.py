@@ -146,7 +146,11 @@ def _next_event():
 def _hello():
     import mlx.core as mx
 
-    backend = "cuda" if mx.cuda.is_available() else "metal" if mx.metal.is_available() else "cpu"
+    def available(name):  # not every MLX build has every backend module
+        module = getattr(mx, name, None)
+        return bool(module is not None and module.is_available())
+
+    backend = "cuda" if available("cuda") else "metal" if available("metal") else "cpu"
     return {"device": str(mx.default_device()), "gpu": mx.default_device() == mx.gpu,
             "backend": backend, "mlx": mx.__version__}
 
