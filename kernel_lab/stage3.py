@@ -181,15 +181,17 @@ def main(argv=None):
                         help="model spec or path (repeatable); default per budget")
     parser.add_argument("--fine-tune-type", action="append", dest="ftts", choices=["lora", "dora"])
     parser.add_argument("--option", default="", help="budget overrides, e.g. windows=5,seq_len=512")
-    parser.add_argument("--repeat", type=int, default=1, help="evaluate this many times; prints the spread")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="evaluate this many times (seeds SEED, SEED+1, ...); prints the spread")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write every result here")
     args = parser.parse_args(argv)
     results = []
     for i in range(args.repeat):
         tic = time.monotonic()
-        result = run_macro(args.program, models=args.models, fine_tune_types=args.ftts or ("lora", "dora"),
-                           budget=args.budget, seed=args.seed, **parse_options(args.option))
+        result = run_macro(args.program, models=args.models,
+                           fine_tune_types=args.ftts or ("lora", "dora"), budget=args.budget,
+                           seed=args.seed + i, **parse_options(args.option))
         result["seconds"] = time.monotonic() - tic
         results.append(result)
         print(f"--- evaluation {i + 1}/{args.repeat}: {result['seconds']:.1f} s\n{format_runs(result)}")
@@ -198,7 +200,8 @@ def main(argv=None):
     speedups = [r["training_speedup"] for r in results if r.get("training_speedup")]
     if len(speedups) > 1:
         mean = statistics.mean(speedups)
-        print(f"training_speedup over {len(speedups)} evaluations: " + " ".join(f"{s:.3f}" for s in speedups)
+        print(f"training_speedup over {len(speedups)} evaluations: "
+              + " ".join(f"{s:.3f}" for s in speedups)
               + f"; mean {mean:.3f}, CV {statistics.stdev(speedups) / mean:.2%}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
