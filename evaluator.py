@@ -51,9 +51,10 @@ class Settings:
     repeats: int = 5  # at least this many timed repeats per kernel and case (after 2 warm-ups)
     min_seconds: float = 2.0  # ... and more repeats until the timed rounds of a case took this long
     bench_dtype: str = ""  # "" = float32 on the CPU, bfloat16 on a GPU
-    stage3_timeout: float = 1400.0  # seconds for the whole fine-tuning benchmark (its runs are children)
-    stage3_budget: str = ""  # kernel_lab.macrobench budget: "" = by device ("cpu" tiny, "gpu" real)
+    stage3_timeout: float = 1400.0  # seconds for all of stage 3 (each worker call has its own limit too)
+    stage3_budget: str = ""  # kernel_lab.budgets: "" = by device ("cpu" tiny, "gpu" real)
     stage3_models: str = ""  # comma-separated model specs ("" = the budget's offline models)
+    stage3_options: str = ""  # budget overrides, e.g. "batch_size=8,seq_len=512,windows=4"
     report_dir: str = ""  # the CLI writes <dir>/<program>.json and .png ("" = runs/evaluation)
     memory_limit_gb: float = 0.0  # RSS cap of a child; 0 = half the RAM, at most 16 GB
     echo: bool = True  # stream the child's progress lines to our stderr
@@ -321,40 +322,11 @@ def cached_stage2(program_path):
     return entry if entry.get("version") == STAGE2_CACHE_VERSION else None
 
 
-def stage3_macro(program_path, seed, settings):
-    """Stage 3 in a child: kernel_lab.macrobench.run_macro (each training its own grandchild).
-
-    Returns {"runs": [(training_speedup, memory_ratio), ...], "loss_matches", "metrics",
-    "artifacts", "raw"} or {"error": "..."}.
-    """
-    kwargs = {"program": str(Path(program_path).resolve()), "seed": seed,
-              "budget": settings.stage3_budget or None}
-    models = [m.strip() for m in settings.stage3_models.split(",") if m.strip()]
-    if models:
-        kwargs["models"] = models
-    _log(settings, f"[stage 3] fine-tuning benchmark of {program_path} (seed {seed})")
-    task = run_task("kernel_lab.macrobench:run_macro", kwargs, timeout=settings.stage3_timeout,
-                    echo_stderr=settings.echo)
-    if not task.ok:
-        return {"error": f"stage 3 (fine-tuning benchmark) did not finish: {task.error}"}
-    result = task.value
-    from kernel_lab.macrobench import format_runs, score_inputs  # no MLX import there
-
-    runs = score_inputs(result)
-    if result.get("error") and not (runs and result["ok"] is False and not result["loss_matches"]):
-        return {"error": f"stage 3: {result['error']}", "raw": result}
-    metrics = {k: result[k] for k in ("training_speedup", "memory_ratio", "memory_reduction",
-                                       "loss_rel_diff") if result.get(k) is not None}
-    metrics["stage3_seconds"] = task.seconds
-    artifacts = {"fine_tuning": format_runs(result)}
-    if result.get("error"):
-        artifacts["error"] = f"stage 3: {result['error']}"
-    return {"runs": runs, "loss_matches": result["loss_matches"], "metrics": metrics,
-            "artifacts": artifacts, "raw": result}
-
-
 def evaluate_stage3(program_path, **overrides):
-    """Real fine-tuning folded with the cached micro score: band(micro**0.25 * macro**0.75)."""
+    """Real fine-tuning (kernel_lab.stage3) folded with the cached micro score:
+    band(micro**0.25 * macro**0.75); 0 when a gradient check, a training or the loss check fails."""
+    from kernel_lab import stage3  # no MLX here: the training runs in sandboxed workers
+
     settings = Settings.from_env(**overrides)
     entry = cached_stage2(program_path)
     if entry is None:  # stage 3 alone (CLI): time it first
@@ -364,18 +336,29 @@ def evaluate_stage3(program_path, **overrides):
             return stage2
     micro = entry["metrics"]["micro_score"]
     seed = _seed(settings)
-    macro = stage3_macro(program_path, seed, settings)
+    _log(settings, f"[stage 3] fine-tuning benchmark of {program_path} (seed {seed})")
+    before = directory_fingerprint() if settings.watch_directory else None
+    macro = stage3.evaluate(
+        str(Path(program_path).resolve()), seed=seed, budget=settings.stage3_budget,
+        models=settings.stage3_models, options=settings.stage3_options,
+        timeout=settings.stage3_timeout, lock_timeout=settings.lock_timeout,
+        memory_limit=settings.memory_limit(), echo=settings.echo)
     _LAST_MACRO[str(program_path)] = macro.get("raw")
+    changed = directory_changes(before, directory_fingerprint()) if before is not None else []
+    if changed and not macro.get("error"):
+        macro["error"] = (f"stage 3: the program wrote into the evaluator's directory {HERE}: "
+                          + ", ".join(changed[:5]))
+    metrics = {**macro.get("metrics", {}), "micro_score": micro}
+    artifacts = {"seed": str(seed), **(macro.get("artifacts") or {})}
     if macro.get("error"):
-        return _failure(3, macro["error"], seed, 0.0, extra_metrics={"micro_score": micro})
+        artifacts["error"] = macro["error"]
+        return _result({**metrics, "combined_score": 0.0}, artifacts)
     macro_value = score.macro_score(macro["runs"])
     combined = score.combined_score(micro, macro_value, loss_matches=macro["loss_matches"])
-    metrics = {**macro.get("metrics", {}), "micro_score": micro, "macro_score": macro_value,
-               "fine_tuning_score": score.fine_tuning_score(micro, macro_value),
-               "combined_score": combined}
-    _log(settings, macro["artifacts"]["fine_tuning"] + f"\nmacro score {macro_value:.4f}, "
-         f"combined {combined:.4f}")
-    return _result(metrics, {"seed": str(seed), **macro.get("artifacts", {})})
+    metrics.update(macro_score=macro_value, combined_score=combined,
+                   fine_tuning_score=score.fine_tuning_score(micro, macro_value))
+    _log(settings, artifacts["fine_tuning"] + f"\nmacro score {macro_value:.4f}, combined {combined:.4f}")
+    return _result(metrics, artifacts)
 
 
 _LAST_MACRO = {}  # program path -> stage 3's full result, for the CLI's report
