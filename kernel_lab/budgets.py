@@ -5,7 +5,11 @@ A budget's entries:
                   offline) or comma-separated embedded names (those of them available offline)
   num_layers      LoRA / DoRA on the last N transformer blocks (-1: all of them)
   rank, scale     LoRA rank and scale (mlx_lm.lora's defaults: 8, 20)
-  batch_size, seq_len   every batch is batch_size x (seq_len + 1) packed tokens (seq_len targets a row)
+  batch_size, seq_len   every batch is batch_size x (seq_len + 1) packed tokens (seq_len targets a row);
+                  on a GPU seq_len is 1023, what mlx-lm trains on with max_seq_length 1024 when the
+                  documents are longer (its batches are then max_seq_length tokens wide). At
+                  multiples of 128 MLX's CUDA attention takes cuDNN's fused backward, which mlx-lm's
+                  real batches rarely get (widths 1 + 32k or max_seq_length)
   window_steps    W: optimizer steps in one measured window (one mlx-lm report)
   warmup_windows  untimed windows first (the compile; all sides at the same time)
   windows         measured windows per side, alternating between the sides
@@ -18,15 +22,17 @@ A budget's entries:
   dtype           None: float32 on the CPU, the model's own dtype on a GPU
   max_chars       longest example of the embedded data set, in characters (before packing)
   preload         load every model's workers at the start, at the same time (else model by model)
-  tf32            let CUDA run float32 matmuls in TF32 (False: MLX_ENABLE_TF32=0 in the workers,
-                  so the float32 gradient check compares true float32)
+  tf32            let CUDA run float32 matmuls in TF32, as MLX does by default and so as users
+                  train (mlx-lm's LoRA matmuls are float32: x is promoted to lora_a's dtype); False
+                  sets MLX_ENABLE_TF32=0 in the workers (stock slower than users see it, but the
+                  float32 gradient check then compares true float32)
   load_timeout, prepare_timeout, window_timeout   seconds per call: loading a model; the gradient
                   check + compile + warm-up (generous: a cold GPU compiles for minutes); one window
 """
 
 _COMMON = dict(rank=8, scale=20.0, learning_rate=1e-5, grad_check=True, grad_check_compute=False,
                dtype=None,
-               max_chars=1500, preload=True, tf32=False, load_timeout=300.0,
+               max_chars=1500, preload=True, tf32=True, load_timeout=300.0,
                prepare_timeout=900.0)
 
 TWO_MODELS = "smollm2-135m-q4,qwen2.5-coder-0.5b-q4"  # vocabularies of 49k and 152k
@@ -37,13 +43,13 @@ BUDGETS = {
     "cpu": dict(_COMMON, models="default", num_layers=2, batch_size=1, seq_len=32, window_steps=1,
                 warmup_windows=1, windows=2, grad_batches=1, window_timeout=120.0),
     # Stage 3 on Metal / CUDA (both models, LoRA and DoRA, ~70-80 s on a warm H200): all blocks,
-    # bfloat16, 4 x 1024 tokens; 3 measured windows of 4 steps a side (~0.7 s a window for
+    # bfloat16, 4 rows of 1024 tokens (1023 inputs each); 3 measured windows of 4 steps a side (~0.7 s for
     # SmolLM2 at ~25k tokens/s, ~1.1 s for Qwen2.5-0.5B at ~15k). Not yet timed on a GPU.
-    "gpu": dict(_COMMON, models=TWO_MODELS, num_layers=-1, batch_size=4, seq_len=1024, window_steps=4,
+    "gpu": dict(_COMMON, models=TWO_MODELS, num_layers=-1, batch_size=4, seq_len=1023, window_steps=4,
                 warmup_windows=1, windows=3, grad_batches=2, dtype="bfloat16", window_timeout=60.0),
-    # The benchmark table (`python -m kernel_lab.benchmark --budget table`): 8 x 1024 tokens,
+    # The benchmark table (`python -m kernel_lab.benchmark --budget table`): 8 rows of 1024 tokens,
     # bfloat16, all blocks, 6 measured windows of 5 steps a side.
-    "table": dict(_COMMON, models=TWO_MODELS, num_layers=-1, batch_size=8, seq_len=1024, window_steps=5,
+    "table": dict(_COMMON, models=TWO_MODELS, num_layers=-1, batch_size=8, seq_len=1023, window_steps=5,
                   warmup_windows=1, windows=6, grad_batches=2, dtype="bfloat16", max_chars=6000,
                   window_timeout=120.0),
 }
