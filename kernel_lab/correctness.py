@@ -23,8 +23,8 @@ gradients of any magnitude). A comparison passes when
 dtype's unit roundoff (float32 2^-24, bfloat16 2^-8, float16 2^-11), u32 the float32 arithmetic
 a correct kernel computes in, growth the case's reductions (sqrt of their lengths) and
 conditioning (RoPE angles up to (offset + L) * scale, logits up to +-3e4); C a few units, per
-kernel and direction (tolerances.COEFFICIENTS; calibration numbers in tolerances.CALIBRATION).
-In bfloat16 that is 1.6-3.1e-2 (was up to 1e-1), in float16 2-4e-3: a kernel that drops the LoRA
+kernel and direction (tolerances.COEFFICIENTS; the model and its calibration: tolerances).
+In bfloat16 that is 1.6-3.6e-2 (was up to 1e-1), in float16 2-4e-3: a kernel that drops the LoRA
 term, leaves it out of DoRA's norm, computes in a coarser dtype or approximates a function fails.
 `stock_err` is the error of what MLX ships on the very same inputs, computed only when the model
 is exceeded: the stock kernel, and for dora_linear on a quantized base also mx.quantized_matmul
