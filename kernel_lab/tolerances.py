@@ -22,7 +22,7 @@ C, per kernel and direction, is 2.4-3.7x the worst error measured in these units
 tests/legit/ (dense dequantize + matmul bases with re-dequantizing VJPs, float32 accumulation,
 token- and vocabulary-chunked losses with an online logsumexp, reordered reductions, recomputing
 VJPs, DoRA on mx.quantized_matmul, mx.fast.cross_entropy):
-    python tests/legit/corpus.py --calibrate --seeds 0-19
+    python tests/legit/legit_corpus.py --calibrate --seeds 0-19
     python -m kernel_lab.correctness --calibrate --seeds 20 [PROGRAM ...]
 worst units (forward / grad) -> C:  rms_norm 1.53 / 2.29 -> 4 / 6;  rope 1.69 / 1.61 -> 4 / 4;
 swiglu 1.57 / 2.48 -> 4 / 6;  cross_entropy 1.32 / 2.77 -> 4 / 8;  linear_cross_entropy 1.58 /

@@ -1,12 +1,11 @@
 """Stage 1 correctness: stock and the starting program pass; one-line mutants fail."""
 
-import sys
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
 
-from kernel_lab.contract import load_program
+from kernel_lab.contract import load_module, load_program
 from kernel_lab.correctness import check_kernels, format_failure, format_table, tolerance
 from kernel_lab.ops import STOCK
 
@@ -292,10 +291,9 @@ HOSTILE_SEEDS = (1, 2, 3)
 
 
 def build_hostile(name, directory):
+    """initial_program.py with HOSTILE[name]'s kernel replaced (tests/hostile/corpus.py's way)."""
     kernel, code, _ = HOSTILE[name]
-    sys.path.insert(0, str(ROOT / "tests" / "hostile"))
-    import corpus
-
+    corpus = load_module(ROOT / "tests" / "hostile" / "corpus.py", "hostile_corpus_for_stage1")
     path = Path(directory) / f"hostile_{name.replace('-', '_')}.py"
     path.write_text(corpus._replace_def(INITIAL.read_text(), kernel, code))
     return path

@@ -1,7 +1,7 @@
 """The legit corpus (tests/legit/): honest alternative kernels pass stage 1 on every seed.
 
 Each variant is checked only on the kernels it replaces, in-process; entries on one seed share
-inputs and references. `python tests/legit/corpus.py --seeds 0-19` runs the same on any device.
+inputs and references. `python tests/legit/legit_corpus.py --seeds 0-19` runs the same on any device.
 """
 
 import sys
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "legit"))
-import corpus  # noqa: E402
+import legit_corpus as corpus  # noqa: E402
 
 PROGRAMS = ("stock", "initial-program", "optimized")
 VARIANTS = [name for name in corpus.ENTRIES if name not in PROGRAMS]

@@ -1,9 +1,9 @@
 """The legit corpus: honest alternative programs that stage 1 must accept on every seed.
 
-    python tests/legit/corpus.py --seeds 0-19                 # every entry, on this machine's device
-    python tests/legit/corpus.py --seeds 0-4 --names dense-base,optimized-dense-base
+    python tests/legit/legit_corpus.py --seeds 0-19                 # every entry, on this machine's device
+    python tests/legit/legit_corpus.py --seeds 0-4 --names dense-base,optimized-dense-base
 
-Entries: the variants of kernels.py (each checked only on the kernels it replaces), the stock
+Entries: the variants of legit_kernels.py (each checked only on the kernels it replaces), the stock
 kernels, the starting program, and examples/optimized_program.py as it runs here and with its
 other platforms' paths forced on (dense dequantize + matmul bases as on CUDA, the token-chunked
 loss with a custom VJP, mx.fast.cross_entropy as on a GPU). `run()` returns the failures;
@@ -26,7 +26,7 @@ for path in (ROOT, HERE):
 
 import mlx.core as mx  # noqa: E402
 
-import kernels as legit  # noqa: E402
+import legit_kernels as legit  # noqa: E402
 from kernel_lab.contract import KERNEL_NAMES, kernels_from_module, load_module, load_program  # noqa: E402
 from kernel_lab.correctness import DEFAULT_DTYPES, check_kernels, format_failure  # noqa: E402
 from kernel_lab.ops import STOCK  # noqa: E402
