@@ -93,8 +93,13 @@ def _load_guarded(program, before, label):
     return kernels
 
 
+STAGE1_ENV = {"MLX_ENABLE_TF32": "0"}  # float32 checked in true float32 (CUDA runs TF32 otherwise)
+
+
 def child_check(program, seed, shape_set, dtypes, names):
     """Stage 1 in the child: import the program under the guards and check every kernel."""
+    import mlx.core as mx
+
     from kernel_lab import correctness, guards
 
     before = guards.snapshot()
@@ -102,7 +107,11 @@ def child_check(program, seed, shape_set, dtypes, names):
     results = correctness.check_kernels(kernels, seed=seed, shape_set=shape_set,
                                         dtypes=tuple(dtypes), names=names)
     guards.verify(before, "after running the kernels")
-    return _jsonable({"results": results, "table": correctness.format_table(results),
+    tf32 = os.environ.get("MLX_ENABLE_TF32", "(unset)")
+    setting = (f"{mx.default_device()}, MLX_ENABLE_TF32={tf32}: float32 is checked in true float32 "
+               "(no TF32 matmuls); values and gradients under mx.compile, as timed")
+    return _jsonable({"results": results, "setting": setting,
+                      "table": correctness.format_table(results),
                       "failures": [correctness.format_failure(r) for r in results if not r["passed"]]})
 
 
@@ -223,15 +232,16 @@ def evaluate_stage1(program_path, **overrides):
         program=str(Path(program_path).resolve()), seed=seed, shape_set=settings.shape_set,
         dtypes=settings.dtypes.split(","), names=settings.kernel_names(),
     ), timeout=settings.stage1_timeout, memory_limit=settings.memory_limit(),
-        watch=settings.watch_directory)
+        watch=settings.watch_directory, env=STAGE1_ENV)
     if not task.ok:
         return _failure(1, task.error, seed, task.seconds, task, {"correct_fraction": 0.0})
     results, failures = task.value["results"], task.value["failures"]
     combined, fraction = score.stage1_score([r["passed"] for r in results])
-    artifacts = {"stage": "1 (correctness)", "seed": str(seed), "correctness": task.value["table"]}
+    artifacts = {"stage": "1 (correctness)", "seed": str(seed), "correctness": task.value["table"],
+                 "stage1_setting": task.value["setting"]}
     if failures:
         artifacts["error"] = "stage 1: " + "; ".join(failures)
-    _log(settings, artifacts["correctness"])
+    _log(settings, artifacts["correctness"] + "\n" + artifacts["stage1_setting"])
     return _result({"combined_score": combined, "correct_fraction": fraction,
                     "stage1_seconds": task.seconds}, artifacts)
 
