@@ -1,7 +1,9 @@
 """The legit corpus (tests/legit/): honest alternative kernels pass stage 1 on every seed.
 
 Each variant is checked only on the kernels it replaces, in-process; entries on one seed share
-inputs and references. `python tests/legit/legit_corpus.py --seeds 0-19` runs the same on any device.
+inputs and references. CI runs every entry on a few seeds (20 seeds take ~4 min on 2 cores);
+`python tests/legit/legit_corpus.py --seeds 0-19` runs all 20 on any device (the README says
+where and when it last passed).
 """
 
 import sys
@@ -26,9 +28,9 @@ def test_legit_variants_pass_a_few_seeds():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("seed", [0, 7, 13, 19])
 def test_every_legit_entry_and_program_passes(seed):
-    """Variants, stock, the starting and the optimized program (with its forced paths): 20 seeds."""
+    """Variants, stock, the starting and the optimized program (with its forced paths)."""
     failures = corpus.run([seed], log=_quiet)
     assert not failures, "\n".join(failures)
 

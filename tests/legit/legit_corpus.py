@@ -62,7 +62,18 @@ ENTRIES = {
         _chunk_rows=_three_chunks, _dense_base=lambda: True)["linear_cross_entropy"]},
     "optimized-gpu-cross-entropy": lambda: {"cross_entropy": optimized(
         cross_entropy=legit.fast_cross_entropy)["cross_entropy"]},
+    # The adapters as they run on a GPU: half-precision low-rank product, with and without the
+    # dense base (CUDA) or the quantized one (Metal).
+    "optimized-half-lora": lambda: {k: v for k, v in optimized(
+        _half_lora=_half_dtypes).items() if k in ("lora_linear", "dora_linear")},
+    "optimized-cuda-adapters": lambda: {k: v for k, v in optimized(
+        _half_lora=_half_dtypes, _dense_base=lambda: True).items()
+        if k in ("lora_linear", "dora_linear")},
 }
+
+
+def _half_dtypes(dtype):
+    return dtype in (mx.bfloat16, mx.float16)
 
 
 def run(seeds, names=None, dtypes=DEFAULT_DTYPES, shape_set="default", log=print):
