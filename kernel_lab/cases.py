@@ -40,10 +40,10 @@ GEMMA3 = dict(hidden=640, vocab=262144)  # Gemma 3 270M (config.json); its MLP i
 # full vocabulary and real width: 10^8 logits). CPU: what fits in stage 1's seconds on two cores
 # (~0.5M elements a case; Gemma's 262144-row head 64 wide).
 LARGE_ACCELERATOR = MappingProxyType(dict(
-    tokens=(4, 512), swiglu=(4, 512), ce=((2, 512), (1, 512)),
+    tokens=(4, 512), swiglu=(4, 512), attention=(4, 1023), ce=((2, 512), (1, 512)),
     lce=((4, 512), (1, 512), (1, 512), (8, 1024)), adapter=(4, 512), lce_narrow=False))
 LARGE_CPU = MappingProxyType(dict(
-    tokens=(1, 512), swiglu=(1, 128), ce=((1, 4), (1, 2)),
+    tokens=(1, 512), swiglu=(1, 128), attention=(1, 300), ce=((1, 4), (1, 2)),
     lce=((1, 2), (2, 512)), adapter=(1, 256), lce_narrow=True))
 
 
@@ -108,6 +108,29 @@ def _rope_cases(tokens, large, long_offset=4096 + 17):
              scale=0.5),
         rope("phi-3.5-mini", "q/partial-rotary", dims=48),
         rope("qwen2.5-0.5b", f"q/large-{large[0]}x{large[1]}", toks=large, large=True),
+    ]
+
+
+def _attention_cases(tokens, large):
+    """Causal GQA self-attention as mlx-lm trains (SmolLM2, Qwen2.5), a 128-wide head without a
+    mask (Qwen3), queries shorter than the keys, Gemma 3's sliding window and an additive bias
+    with sharp scores; the large case is a real training length that is no multiple of 128
+    (1023 on an accelerator) and spans several blocks of 256 queries."""
+    s, q, w = MODEL_CONFIGS["smollm2-135m"], MODEL_CONFIGS["qwen2.5-0.5b"], MODEL_CONFIGS["qwen3-0.6b"]
+
+    def attention(model, role, toks, cfg, **kw):
+        return _case("attention", model, role, toks, heads=cfg["heads"], kv_heads=cfg["kv_heads"],
+                     head_dim=cfg["head_dim"], **{"mask": "causal", **kw})
+
+    gemma = dict(heads=4, kv_heads=1, head_dim=256)  # Gemma 3 270M's local layers
+    return [
+        attention("smollm2-135m", "self-attn/causal", tokens, s),
+        attention("qwen2.5-0.5b", "self-attn/causal/odd-length", (2, 17), q),
+        attention("qwen3-0.6b", "self-attn/no-mask", tokens, w, mask=None),
+        attention("smollm2-135m", "prefill/causal/5-of-12", (1, 5), s, key_length=12),
+        attention("gemma3-270m", "local-attn/window-4", (1, 12), gemma, mask="window", window=4),
+        attention("smollm2-135m", "self-attn/additive/sharp", tokens, s, mask="additive", score_scale=4.0),
+        attention("smollm2-135m", f"self-attn/causal/large-{large[0]}x{large[1]}", large, s, large=True),
     ]
 
 
@@ -213,6 +236,7 @@ def correctness_cases(kernel, shape_set="default", seed=None):
     table = {
         "rms_norm": lambda: _rms_norm_cases(tokens, large),
         "rope": lambda: _rope_cases(tokens, large),
+        "attention": lambda: _attention_cases(tokens, size["attention"]),
         "swiglu": lambda: _swiglu_cases(tokens, size["swiglu"]),
         "cross_entropy": lambda: _ce_cases(tokens, small, ce_big),
         "linear_cross_entropy": lambda: _lce_cases(small, small_vocab, lce_big, draw, size["lce_narrow"]),

@@ -54,6 +54,7 @@ STOCK_MARGIN = 2.0
 ARG_NAMES = {
     "rms_norm": ("x", "weight", "eps"),
     "rope": ("x", "dims"),
+    "attention": ("queries", "keys", "values"),
     "swiglu": ("gate", "up"),
     "cross_entropy": ("logits", "targets"),
     "linear_cross_entropy": ("hidden", "weight", "targets"),

@@ -6,6 +6,10 @@ dimensions, "tokens" (batch, length), and optional adversarial switches:
   row_scales=True       rms_norm rows of magnitudes 1e-3 .. 1e3 plus an all-zero row
   logit_scale=S         cross-entropy logits of magnitude up to +-S
   offset=N              RoPE position offset (int, or an mx.array scalar when offset_array)
+  mask=M                attention mask: "causal", None, "window" (a boolean sliding window of
+                        `window` keys, as Gemma 3's local layers) or "additive" (a float bias
+                        with the causal part at -1e4); key_length=Lk for queries shorter than
+                        the keys (a prefill after a cache); score_scale=S sharpens the scores
 and the contract's arguments: quantized / bits (default 4) / group_size of a base or lm_head,
 rank / scale / bias of LoRA and DoRA; large=True marks a case checked against stock in float32
 (kernel_lab.cases). make_inputs turns a case into fresh random arguments for a kernel.
@@ -213,6 +217,9 @@ def make_inputs(kernel, case, dtype, seed):
                       offset=offset, freqs=freqs)
         return [x, case["dims"]], kwargs, (0,)
 
+    if kernel == "attention":
+        return _attention_inputs(keys, case, dtype, batch, length)
+
     if kernel == "swiglu":
         shape = (batch, length, case["dim"])
         gate = _activation(keys, shape, dtype, layout, scale=2.0)
@@ -261,6 +268,29 @@ def make_inputs(kernel, case, dtype, seed):
         return args + [magnitude], kwargs, (0, 4, 5, 7)
 
     raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def _attention_inputs(keys, case, dtype, batch, length):
+    """mlx-lm's attention inputs: (B, L, heads, D) projections seen as (B, heads, L, D) views."""
+    heads, kv_heads, dim = case["heads"], case["kv_heads"], case["head_dim"]
+    key_length = case.get("key_length", length)
+
+    def heads_view(n, rows, scale=1.0):
+        return (keys.normal((batch, rows, n, dim)) * scale).astype(dtype).transpose(0, 2, 1, 3)
+
+    queries = heads_view(heads, length, case.get("score_scale", 1.0))
+    k, v = heads_view(kv_heads, key_length), heads_view(kv_heads, key_length)
+    mask = case.get("mask")
+    if mask in ("window", "additive"):
+        rows = mx.arange(key_length - length, key_length)[:, None]
+        cols = mx.arange(key_length)[None]
+        visible = rows >= cols
+        if mask == "window":
+            mask = visible & (rows < cols + case["window"])
+        else:  # a position bias on top of the causal mask, in the activations' dtype
+            bias = 0.5 * keys.normal((1, heads, length, key_length))
+            mask = mx.where(visible, bias, -1e4).astype(dtype)
+    return [queries, k, v], dict(scale=dim ** -0.5, mask=mask), (0, 1, 2)
 
 
 def vjp_at(fn, args, kwargs, grad_argnums, cotangent):

@@ -58,6 +58,23 @@ MUTANTS = [
     ("dora-gradient-through-norm", "dora_linear",
      "denom = mx.stop_gradient(mx.sqrt(mx.sum(adapted * adapted, axis=1)))",
      "denom = mx.sqrt(mx.sum(adapted * adapted, axis=1))"),
+    ("attention-causal-off-by-one", "attention",
+     "mask = rows[:, None] >= mx.arange(key_length)[None]",
+     "mask = rows[:, None] > mx.arange(key_length)[None]"),
+    ("attention-causal-from-the-start", "attention",
+     "rows = mx.arange(key_length - length, key_length)", "rows = mx.arange(length)"),
+    ("attention-heads-tiled", "attention",
+     "keys, values = mx.repeat(keys, group, axis=1), mx.repeat(values, group, axis=1)",
+     "keys, values = mx.tile(keys, (1, group, 1, 1)), mx.tile(values, (1, group, 1, 1))"),
+    ("attention-scale-missing", "attention",
+     "scores = ((queries * scale) @ keys.swapaxes(-1, -2)).astype(mx.float32)",
+     "scores = (queries @ keys.swapaxes(-1, -2)).astype(mx.float32)"),
+    ("attention-additive-mask-ignored", "attention",
+     "scores = mx.where(mask, scores, -mx.inf) if mask.dtype == mx.bool_ else scores + mask",
+     "scores = mx.where(mask, scores, -mx.inf) if mask.dtype == mx.bool_ else scores"),
+    ("attention-values-stop-gradient", "attention",
+     "return mx.softmax(scores, axis=-1).astype(values.dtype) @ values",
+     "return mx.softmax(scores, axis=-1).astype(values.dtype) @ mx.stop_gradient(values)"),
     ("dora-magnitude-stop-gradient", "dora_linear",
      "out = (magnitude / denom).astype(x.dtype) * out",
      "out = (mx.stop_gradient(magnitude) / denom).astype(x.dtype) * out"),
@@ -286,6 +303,36 @@ def lora_linear(x, weight, scales, biases, lora_a, lora_b, scale, *, group_size,
         z = mx.stop_gradient(z)
     return y + (scale * z).astype(x.dtype)
 ''', dict(case="large", what="grad of")),
+    # Attention that is right on short sequences (every small case) and drops the causal mask, as a
+    # kernel that assumes "no future keys beyond a few hundred" might: the large case catches it.
+    "attention-causal-only-short": ("attention", '''
+def attention(queries, keys, values, *, scale, mask=None):
+    group = queries.shape[1] // keys.shape[1]
+    keys, values = mx.repeat(keys, group, axis=1), mx.repeat(values, group, axis=1)
+    scores = ((queries * scale) @ keys.swapaxes(-1, -2)).astype(mx.float32)
+    if isinstance(mask, str) and scores.shape[-1] <= 256:
+        rows = mx.arange(scores.shape[-1] - scores.shape[-2], scores.shape[-1])
+        mask = rows[:, None] >= mx.arange(scores.shape[-1])[None]
+    if mask is not None and not isinstance(mask, str):
+        scores = mx.where(mask, scores, -mx.inf) if mask.dtype == mx.bool_ else scores + mask
+    return mx.softmax(scores, axis=-1).astype(values.dtype) @ values
+''', dict(case="large", what="forward")),
+    # A half-precision shortcut: the softmax in the activations' dtype without the max subtracted.
+    "attention-half-softmax-unshifted": ("attention", '''
+def attention(queries, keys, values, *, scale, mask=None):
+    group = queries.shape[1] // keys.shape[1]
+    keys, values = mx.repeat(keys, group, axis=1), mx.repeat(values, group, axis=1)
+    scores = (queries * scale) @ keys.swapaxes(-1, -2)
+    if queries.dtype == mx.float32:
+        scores = scores - mx.stop_gradient(mx.max(scores, axis=-1, keepdims=True))
+    if isinstance(mask, str):
+        rows = mx.arange(scores.shape[-1] - scores.shape[-2], scores.shape[-1])
+        mask = rows[:, None] >= mx.arange(scores.shape[-1])[None]
+    if mask is not None:
+        scores = mx.where(mask, scores, -1e4) if mask.dtype == mx.bool_ else scores + mask
+    weights = mx.exp(scores)
+    return (weights / weights.sum(axis=-1, keepdims=True)) @ values
+''', dict(what="")),
 }
 HOSTILE_SEEDS = (1, 2, 3)
 
@@ -328,12 +375,14 @@ def test_hostile_program_scores_zero_in_the_evaluator(tmp_path):
 def test_tolerance_model_follows_unit_roundoff_and_conditioning():
     from kernel_lab import shapes, tolerances
 
-    for kernel in ("rms_norm", "rope", "swiglu", "cross_entropy", "linear_cross_entropy", "lora_linear",
-                   "dora_linear"):
+    for kernel in ("rms_norm", "rope", "attention", "swiglu", "cross_entropy", "linear_cross_entropy",
+                   "lora_linear", "dora_linear"):
         for kind in ("forward", "grad"):
             bf16, f16, f32 = (tolerance(kernel, d, kind) for d in ("bfloat16", "float16", "float32"))
             assert tolerance(kernel, mx.bfloat16, kind) == bf16
-            assert bf16 <= 0.04 and f16 <= 0.02 and f32 <= 5e-3, (kernel, kind, bf16, f16, f32)
+            # attention may round its scores to the dtype before the softmax (plain q @ k.T does)
+            top = 0.1 if kernel == "attention" else 0.04
+            assert bf16 <= top and f16 <= 0.02 and f32 <= 5e-3, (kernel, kind, bf16, f16, f32)
             assert f32 < f16 < bf16
     # Conditioning: RoPE at offset 4113 and logits of 1e4 allow more in float32 than plain cases.
     rope = {c["name"]: c for c in shapes.correctness_cases("rope")}

@@ -54,11 +54,11 @@ def loss_and_grads(model, loss):
 # Expected patched counts per family on the 2-layer tiny configs (all layers LoRA'd: 7
 # linears a layer, phi3 has fused qkv and gate_up: 4).
 EXPECTED = {
-    "llama": dict(rms_norm=5, rope=2, swiglu=2, lora_linear=14),
-    "qwen2": dict(rms_norm=5, rope=2, swiglu=2, lora_linear=14),
-    "qwen3": dict(rms_norm=9, rope=2, swiglu=2, lora_linear=14),  # + q_norm, k_norm
-    "phi3": dict(rms_norm=5, rope=2, swiglu=2, lora_linear=8),
-    "gemma3_text": dict(rms_norm=13, rope=2, lora_linear=14),  # GeGLU MLP stays stock
+    "llama": dict(rms_norm=5, rope=2, attention=2, swiglu=2, lora_linear=14),
+    "qwen2": dict(rms_norm=5, rope=2, attention=2, swiglu=2, lora_linear=14),
+    "qwen3": dict(rms_norm=9, rope=2, attention=2, swiglu=2, lora_linear=14),  # + q_norm, k_norm
+    "phi3": dict(rms_norm=5, rope=2, attention=2, swiglu=2, lora_linear=8),
+    "gemma3_text": dict(rms_norm=13, rope=2, attention=2, lora_linear=14),  # GeGLU MLP stays stock
 }
 
 
@@ -171,7 +171,7 @@ def test_attention_routes_through_the_kernel_and_matches_stock(family):
         calls.append(kwargs.get("mask") if isinstance(kwargs.get("mask"), str) else "array")
         return attention.stock(*args, **kwargs)
 
-    report = apply_kernels(model, SimpleNamespace(**vars(STOCK), attention=counted))
+    report = apply_kernels(model, SimpleNamespace(**{**vars(STOCK), "attention": counted}))
     assert report.patched["attention"] == len(model.layers), str(report)
     loss, _, grads = loss_and_grads(model, report.loss_fn)
     assert calls and abs(loss - ref_loss) < 1e-5

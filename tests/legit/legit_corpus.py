@@ -66,6 +66,12 @@ ENTRIES = {
     # dense base (CUDA) or the quantized one (Metal).
     "optimized-half-lora": lambda: {k: v for k, v in optimized(
         _half_lora=_half_dtypes).items() if k in ("lora_linear", "dora_linear")},
+    # Attention as on CUDA (causal lengths padded to a multiple of 128) and on Metal (blockwise
+    # recomputed backward, blocks small enough that the cases span several).
+    "optimized-padded-attention": lambda: {"attention": optimized(
+        _pad_attention=lambda: True)["attention"]},
+    "optimized-blockwise-attention": lambda: {"attention": optimized(
+        _blockwise_attention_backward=lambda: True, ATTENTION_BLOCK=128)["attention"]},
     "optimized-cuda-adapters": lambda: {k: v for k, v in optimized(
         _half_lora=_half_dtypes, _dense_base=lambda: True).items()
         if k in ("lora_linear", "dora_linear")},
