@@ -7,12 +7,12 @@ This process never imports MLX: every stage runs the candidate in an isolated ch
 program does — a syntax error, an endless loop, os._exit, a segfault, NaN gradients, patching
 mx.fast — the stage returns combined_score 0 with an `error` artifact naming the cause.
 Stage 1 (`evaluate_stage1`): import + `kernel_lab.correctness.check_kernels` against the float64
-oracle -> 0.25 when every kernel passes. Stage 2 (`evaluate_stage2`): `kernel_lab.stage2` under
-the device lock: the program timed in its own audited process against stock and the starting
-program in another, checked against stock on every timed round -> micro score (1.0 = as fast and
-lean as MLX's own kernels), cached by program hash for stage 3. Stage 3 (`evaluate_stage3`): real
-mlx-lm LoRA fine-tuning, folded with the micro score by `kernel_lab.score.combined_score`. The score
-formulas live in `kernel_lab/score.py`.
+oracle -> score.STAGE1_PASS_SCORE (0.1) when every kernel passes. Stage 2 (`evaluate_stage2`):
+`kernel_lab.stage2` under the device lock: the program timed in its own audited process against
+stock and the starting program in another, checked against stock on every timed round -> micro
+score (1.0 = as fast and lean as MLX's own kernels), cached by program hash for stage 3. Stage 3
+(`evaluate_stage3`): real mlx-lm LoRA fine-tuning, folded with the micro score by
+`kernel_lab.score.combined_score`. The score formulas live in `kernel_lab/score.py`.
 """
 
 import argparse
@@ -51,9 +51,10 @@ class Settings:
     repeats: int = 5  # at least this many timed rounds per kernel and case (after 2 warm-ups)
     min_seconds: float = 2.0  # ... and more (at most 40) until a case's timed phase took this long
     bench_dtype: str = ""  # "" = float32 on the CPU, bfloat16 on a GPU
-    stage3_timeout: float = 1400.0  # seconds for the whole fine-tuning benchmark (its runs are children)
-    stage3_budget: str = ""  # kernel_lab.macrobench budget: "" = by device ("cpu" tiny, "gpu" real)
+    stage3_timeout: float = 1400.0  # seconds for all of stage 3 (each worker call has its own limit too)
+    stage3_budget: str = ""  # kernel_lab.budgets: "" = by device ("cpu" tiny, "gpu" real)
     stage3_models: str = ""  # comma-separated model specs ("" = the budget's offline models)
+    stage3_options: str = ""  # budget overrides, e.g. "batch_size=8,seq_len=512,windows=4"
     report_dir: str = ""  # the CLI writes <dir>/<program>.json and .png ("" = runs/evaluation)
     memory_limit_gb: float = 0.0  # RSS cap of a child; 0 = half the RAM, at most 16 GB
     echo: bool = True  # stream the child's progress lines to our stderr
@@ -92,8 +93,13 @@ def _load_guarded(program, before, label):
     return kernels
 
 
+STAGE1_ENV = {"MLX_ENABLE_TF32": "0"}  # float32 checked in true float32 (CUDA runs TF32 otherwise)
+
+
 def child_check(program, seed, shape_set, dtypes, names):
     """Stage 1 in the child: import the program under the guards and check every kernel."""
+    import mlx.core as mx
+
     from kernel_lab import correctness, guards
 
     before = guards.snapshot()
@@ -101,7 +107,11 @@ def child_check(program, seed, shape_set, dtypes, names):
     results = correctness.check_kernels(kernels, seed=seed, shape_set=shape_set,
                                         dtypes=tuple(dtypes), names=names)
     guards.verify(before, "after running the kernels")
-    return _jsonable({"results": results, "table": correctness.format_table(results),
+    tf32 = os.environ.get("MLX_ENABLE_TF32", "(unset)")
+    setting = (f"{mx.default_device()}, MLX_ENABLE_TF32={tf32}: float32 is checked in true float32 "
+               "(no TF32 matmuls); values and gradients under mx.compile, as timed")
+    return _jsonable({"results": results, "setting": setting,
+                      "table": correctness.format_table(results),
                       "failures": [correctness.format_failure(r) for r in results if not r["passed"]]})
 
 
@@ -197,7 +207,7 @@ def _log(settings, message):
 
 
 def evaluate_stage1(program_path, **overrides):
-    """Import + correctness in a child: 0.25 when every kernel passes, else 0."""
+    """Import + correctness in a child: score.STAGE1_PASS_SCORE when every kernel passes, else 0."""
     settings = Settings.from_env(**overrides)
     seed = _seed(settings)
     _log(settings, f"[stage 1] correctness of {program_path} (seed {seed})")
@@ -205,21 +215,23 @@ def evaluate_stage1(program_path, **overrides):
         program=str(Path(program_path).resolve()), seed=seed, shape_set=settings.shape_set,
         dtypes=settings.dtypes.split(","), names=settings.kernel_names(),
     ), timeout=settings.stage1_timeout, memory_limit=settings.memory_limit(),
-        watch=settings.watch_directory)
+        watch=settings.watch_directory, env=STAGE1_ENV)
     if not task.ok:
         return _failure(1, task.error, seed, task.seconds, task, {"correct_fraction": 0.0})
     results, failures = task.value["results"], task.value["failures"]
     combined, fraction = score.stage1_score([r["passed"] for r in results])
-    artifacts = {"stage": "1 (correctness)", "seed": str(seed), "correctness": task.value["table"]}
+    artifacts = {"stage": "1 (correctness)", "seed": str(seed), "correctness": task.value["table"],
+                 "stage1_setting": task.value["setting"]}
     if failures:
         artifacts["error"] = "stage 1: " + "; ".join(failures)
-    _log(settings, artifacts["correctness"])
+    _log(settings, artifacts["correctness"] + "\n" + artifacts["stage1_setting"])
     return _result({"combined_score": combined, "correct_fraction": fraction,
                     "stage1_seconds": task.seconds}, artifacts)
 
 
 def evaluate_stage2(program_path, **overrides):
-    """Micro-benchmarks (kernel_lab.stage2) under the device lock; combined_score from the micro score."""
+    """Micro-benchmarks (kernel_lab.stage2) under the device lock; combined_score from the micro
+    score (score.combined_score)."""
     settings = Settings.from_env(**overrides)
     seed = _seed(settings)
     initial = str(INITIAL_PROGRAM) if INITIAL_PROGRAM.is_file() else None
@@ -254,60 +266,43 @@ cached_stage2 = stage2.cached  # stage 3 folds in the cached micro score
 _write_stage2_cache = stage2.write_cache
 
 
-def stage3_macro(program_path, seed, settings):
-    """Stage 3 in a child: kernel_lab.macrobench.run_macro (each training its own grandchild).
-
-    Returns {"runs": [(training_speedup, memory_ratio), ...], "loss_matches", "metrics",
-    "artifacts", "raw"} or {"error": "..."}.
-    """
-    kwargs = {"program": str(Path(program_path).resolve()), "seed": seed,
-              "budget": settings.stage3_budget or None}
-    models = [m.strip() for m in settings.stage3_models.split(",") if m.strip()]
-    if models:
-        kwargs["models"] = models
-    _log(settings, f"[stage 3] fine-tuning benchmark of {program_path} (seed {seed})")
-    task = run_task("kernel_lab.macrobench:run_macro", kwargs, timeout=settings.stage3_timeout,
-                    echo_stderr=settings.echo)
-    if not task.ok:
-        return {"error": f"stage 3 (fine-tuning benchmark) did not finish: {task.error}"}
-    result = task.value
-    from kernel_lab.macrobench import format_runs, score_inputs  # no MLX import there
-
-    runs = score_inputs(result)
-    if result.get("error") and not (runs and result["ok"] is False and not result["loss_matches"]):
-        return {"error": f"stage 3: {result['error']}", "raw": result}
-    metrics = {k: result[k] for k in ("training_speedup", "memory_ratio", "memory_reduction",
-                                       "loss_rel_diff") if result.get(k) is not None}
-    metrics["stage3_seconds"] = task.seconds
-    artifacts = {"fine_tuning": format_runs(result)}
-    if result.get("error"):
-        artifacts["error"] = f"stage 3: {result['error']}"
-    return {"runs": runs, "loss_matches": result["loss_matches"], "metrics": metrics,
-            "artifacts": artifacts, "raw": result}
-
-
 def evaluate_stage3(program_path, **overrides):
-    """Real fine-tuning folded with the cached micro score: micro**0.25 * macro**0.75."""
+    """Real fine-tuning (kernel_lab.stage3) folded with the cached micro score:
+    band(micro**0.25 * macro**0.75); 0 when a gradient check, a training or the loss check fails."""
+    from kernel_lab import stage3  # no MLX here: the training runs in sandboxed workers
+
     settings = Settings.from_env(**overrides)
     entry = cached_stage2(program_path)
     if entry is None:  # stage 3 alone (CLI): time it first
-        stage2 = evaluate_stage2(program_path, **overrides)
+        timed = evaluate_stage2(program_path, **overrides)
         entry = cached_stage2(program_path)
         if entry is None:
-            return stage2
+            return timed
     micro = entry["metrics"]["micro_score"]
     seed = _seed(settings)
-    macro = stage3_macro(program_path, seed, settings)
+    _log(settings, f"[stage 3] fine-tuning benchmark of {program_path} (seed {seed})")
+    before = directory_fingerprint() if settings.watch_directory else None
+    macro = stage3.evaluate(
+        str(Path(program_path).resolve()), seed=seed, budget=settings.stage3_budget,
+        models=settings.stage3_models, options=settings.stage3_options,
+        timeout=settings.stage3_timeout, lock_timeout=settings.lock_timeout,
+        memory_limit=settings.memory_limit(), echo=settings.echo)
     _LAST_MACRO[str(program_path)] = macro.get("raw")
+    changed = directory_changes(before, directory_fingerprint()) if before is not None else []
+    if changed and not macro.get("error"):
+        macro["error"] = (f"stage 3: the program wrote into the evaluator's directory {HERE}: "
+                          + ", ".join(changed[:5]))
+    metrics = {**macro.get("metrics", {}), "micro_score": micro}
+    artifacts = {"seed": str(seed), **(macro.get("artifacts") or {})}
     if macro.get("error"):
-        return _failure(3, macro["error"], seed, 0.0, extra_metrics={"micro_score": micro})
+        artifacts["error"] = macro["error"]
+        return _result({**metrics, "combined_score": 0.0}, artifacts)
     macro_value = score.macro_score(macro["runs"])
     combined = score.combined_score(micro, macro_value, loss_matches=macro["loss_matches"])
-    metrics = {**macro.get("metrics", {}), "micro_score": micro, "macro_score": macro_value,
-               "combined_score": combined}
-    _log(settings, macro["artifacts"]["fine_tuning"] + f"\nmacro score {macro_value:.4f}, "
-         f"combined {combined:.4f}")
-    return _result(metrics, {"seed": str(seed), **macro.get("artifacts", {})})
+    metrics.update(macro_score=macro_value, combined_score=combined,
+                   fine_tuning_score=score.fine_tuning_score(micro, macro_value))
+    _log(settings, artifacts["fine_tuning"] + f"\nmacro score {macro_value:.4f}, combined {combined:.4f}")
+    return _result(metrics, artifacts)
 
 
 _LAST_MACRO = {}  # program path -> stage 3's full result, for the CLI's report
@@ -336,8 +331,8 @@ def evaluate(program_path, **overrides):
     if merged[0]["combined_score"] < score.STAGE1_PASS_SCORE:
         return _result(*merged)
     _merge(merged, evaluate_stage2(program_path, **overrides))
-    if merged[0]["combined_score"] <= 0 or "error" in merged[1]:
-        return _result(*merged)
+    if merged[0]["combined_score"] < score.STAGE3_FLOOR or "error" in merged[1]:
+        return _result(*merged)  # openevolve's cascade stops here too
     _merge(merged, evaluate_stage3(program_path, **overrides))
     return _result(*merged)
 

@@ -51,6 +51,21 @@ def rope(x, dims, *, traditional, base, scale, offset, freqs=None):
     return mx.concatenate([rotated, x[..., dims:]], axis=-1)
 
 
+def attention(queries, keys, values, *, scale, mask=None):
+    """softmax(q k^T * scale + mask) v over grouped-query heads (like mx.fast.scaled_dot_product_attention)."""
+    group = queries.shape[1] // keys.shape[1]
+    if group > 1:  # each key/value head serves `group` query heads
+        keys, values = mx.repeat(keys, group, axis=1), mx.repeat(values, group, axis=1)
+    scores = ((queries * scale) @ keys.swapaxes(-1, -2)).astype(mx.float32)
+    if isinstance(mask, str):  # "causal": query i sees the keys up to i + Lk - L
+        length, key_length = scores.shape[-2:]
+        rows = mx.arange(key_length - length, key_length)
+        mask = rows[:, None] >= mx.arange(key_length)[None]
+    if mask is not None:
+        scores = mx.where(mask, scores, -mx.inf) if mask.dtype == mx.bool_ else scores + mask
+    return mx.softmax(scores, axis=-1).astype(values.dtype) @ values
+
+
 def swiglu(gate, up):
     """silu(gate) * up, the gated activation of Llama/Qwen/Phi MLPs."""
     return gate * mx.sigmoid(gate) * up

@@ -1,20 +1,25 @@
 """A hand-optimized program within the kernel contract: the bar evolution should reach.
 
-Same contract as initial_program.py; see the README's benchmark table for what it gains
-over stock MLX / mlx-lm and where it does not. What it does differently:
+Same contract as initial_program.py; the README's GPU table says what it gains over stock MLX /
+mlx-lm and where it does not (benchmarks/h200-profile/ has the step profiles that chose what to
+do). What it does differently, and on which backend (chosen at run time):
 
-- linear_cross_entropy never holds all logits: tokens go through the lm_head in chunks
-  that are made strictly sequential with `mx.depends` (MLX's lazy graph would otherwise
-  compute every chunk before freeing any), and a custom VJP recomputes each chunk's
-  logits in the backward pass instead of storing them.
-- swiglu's VJP recomputes sigmoid(gate) instead of keeping it and silu(gate) alive.
-- lora_linear / dora_linear pick the base matmul per platform: where MLX's transposed
-  quantized matmul (the dx of the base) is a naive kernel (CUDA), dequantize and use the
-  dense matmul in both directions, recomputing the dequantized weight in the backward
-  pass rather than keeping one per layer alive.
-- dora_linear computes the adapted weight's row norms from ||W||^2, W @ A and A^T A
-  instead of materializing W + s (BA)^T.
-- the rest calls MLX's fused kernels (mx.fast.rms_norm, mx.fast.rope, mx.fast.cross_entropy).
+- attention: on CUDA, a causal attention whose length is not a multiple of 128 (mlx-lm's batches
+  are max_seq_length - 1 = 1023 tokens long) is padded up to one, so MLX takes cuDNN's fused
+  forward and backward instead of the unfused backward that keeps B x heads x L x L scores (the
+  padded keys come last, so no real query sees them; padded query rows are cut off): 5.6x faster
+  and 5.7x leaner on an H200. On Metal the backward is recomputed block by block of queries, so no
+  L x L matrix is kept (not measured here: no Apple GPU). Elsewhere mx.fast's.
+- lora_linear / dora_linear: custom VJPs that keep only the layer's input (in its own dtype) for
+  the backward, instead of mlx-lm's float32 copies; on a GPU with half-precision activations the
+  low-rank product runs in that precision (float32 accumulation; parameter gradients in float32);
+  on CUDA the base matmul dequantizes and uses the dense matmul in both directions (MLX's
+  transposed quantized matmul, the base's dx, is a naive kernel there), re-dequantizing in the
+  backward rather than keeping a copy per layer. DoRA's magnitude gradient comes from the output
+  itself (out / m), so nothing of size tokens x out is kept either.
+- linear_cross_entropy never holds all logits: tokens go through the lm_head in chunks made
+  strictly sequential with `mx.depends`, and a custom VJP recomputes each chunk's logits.
+- the rest calls MLX's fused kernels (mx.fast.rms_norm, mx.fast.rope, mlx-lm's compiled swiglu).
 """
 
 from functools import partial
@@ -26,16 +31,36 @@ import mlx.nn as nn
 F32 = mx.float32
 # Logits elements per chunk of linear_cross_entropy (float32: 256 MB).
 LCE_CHUNK_ELEMENTS = 1 << 26
+# Query rows per block of the recomputing attention backward.
+ATTENTION_BLOCK = 256
+
+
+def _cuda():
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+def _metal():
+    return mx.default_device() == mx.gpu and mx.metal.is_available()
 
 
 def _dense_base():
-    """True where dequantize + dense matmul beats MLX's quantized matmul for training.
+    """Dequantize + dense matmul for quantized bases: CUDA (see the module docstring)."""
+    return _cuda()
 
-    On CUDA the backward of quantized_matmul (transpose=False) runs a naive kernel;
-    on Metal both directions have tuned kernels; on the CPU the quantized path avoids
-    a full float copy of the weight.
-    """
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+def _pad_attention():
+    """Pad causal attention to a multiple of 128 tokens: CUDA (cuDNN's fused backward)."""
+    return _cuda()
+
+
+def _blockwise_attention_backward():
+    """Recompute attention's backward block by block: Metal (MLX keeps the scores there)."""
+    return _metal()
+
+
+def _half_lora(dtype):
+    """Run the low-rank product in the activations' half precision: on a GPU."""
+    return dtype in (mx.bfloat16, mx.float16) and mx.default_device() == mx.gpu
 
 
 def rms_norm(x, weight, eps):
@@ -49,28 +74,73 @@ def rope(x, dims, *, traditional, base, scale, offset, freqs=None):
 
 
 @partial(mx.compile, shapeless=True)
-def _swiglu_forward(gate, up):
+def swiglu(gate, up):
     return nn.silu(gate) * up
 
 
-@partial(mx.compile, shapeless=True)
-def _swiglu_backward(gate, up, cotangent):
-    g = gate.astype(F32)
-    s = mx.sigmoid(g)
-    c = cotangent.astype(F32)
-    d_gate = c * up.astype(F32) * s * (1 + g * (1 - s))
-    d_up = c * g * s
-    return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
+# ------------------------------------------------------------------ attention
 
 
-@mx.custom_function
-def swiglu(gate, up):
-    return _swiglu_forward(gate, up)
+def _sdpa(queries, keys, values, scale, mask):
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
 
 
-@swiglu.vjp
-def _swiglu_vjp(primals, cotangent, output):
-    return _swiglu_backward(*primals, cotangent)
+def _padded_causal(queries, keys, values, scale):
+    length = queries.shape[2]
+    widths = [(0, 0), (0, 0), (0, -length % 128), (0, 0)]
+    padded = [mx.pad(t, widths) for t in (queries, keys, values)]
+    return _sdpa(*padded, scale, "causal")[:, :, :length]
+
+
+def _attention_blocks_vjp(q, k, v, cotangent, out, scale, mask):
+    """dq, dk, dv by blocks of queries, recomputing each block's probabilities (float32 softmax);
+    mask None or "causal" (mask arrays, e.g. sliding windows, take mx.fast's own vjp)."""
+    batch, heads, length, dim = q.shape
+    kv_heads, key_length = k.shape[1], k.shape[2]
+    group, shift = heads // kv_heads, key_length - length
+    q5, do, o = (t.reshape(batch, kv_heads, group, length, dim) for t in (q, cotangent, out))
+    k5, v5 = k[:, :, None], v[:, :, None]
+    dq, dk, dv = [], mx.zeros(k5.shape, F32), mx.zeros(v5.shape, F32)
+    for start in range(0, length, ATTENTION_BLOCK):
+        stop = min(start + ATTENTION_BLOCK, length)
+        seen = stop + shift if mask == "causal" else key_length  # keys this block can see
+        kb, vb, qb, dob = k5[:, :, :, :seen], v5[:, :, :, :seen], q5[:, :, :, start:stop], do[:, :, :, start:stop]
+        scores = (qb @ kb.swapaxes(-1, -2)).astype(F32) * scale
+        if mask == "causal":
+            visible = (mx.arange(start, stop) + shift)[:, None] >= mx.arange(seen)[None]
+            scores = mx.where(visible, scores, -mx.inf)
+        probs = mx.softmax(scores, axis=-1)
+        dp = (dob @ vb.swapaxes(-1, -2)).astype(F32)
+        delta = mx.sum(dob.astype(F32) * o[:, :, :, start:stop].astype(F32), axis=-1, keepdims=True)
+        ds = (probs * (dp - delta) * scale).astype(q.dtype)
+        pad = [(0, 0)] * 3 + [(0, key_length - seen), (0, 0)]
+        dv = dv + mx.pad((probs.astype(q.dtype).swapaxes(-1, -2) @ dob).astype(F32).sum(2, keepdims=True), pad)
+        dk = dk + mx.pad((ds.swapaxes(-1, -2) @ qb).astype(F32).sum(2, keepdims=True), pad)
+        dq.append(ds @ kb)
+    dq = mx.concatenate(dq, axis=3) if len(dq) > 1 else dq[0]
+    return dq.reshape(q.shape), dk[:, :, 0].astype(k.dtype), dv[:, :, 0].astype(v.dtype)
+
+
+def attention(queries, keys, values, *, scale, mask=None):
+    length = queries.shape[2]
+    if (_pad_attention() and isinstance(mask, str) and length % 128
+            and keys.shape[2] == length and queries.dtype in (mx.bfloat16, mx.float16)):
+        return _padded_causal(queries, keys, values, scale)
+    if not _blockwise_attention_backward() or not (mask is None or isinstance(mask, str)):
+        return _sdpa(queries, keys, values, scale, mask)
+
+    @mx.custom_function
+    def blockwise(q, k, v):
+        return _sdpa(q, k, v, scale, mask)
+
+    @blockwise.vjp
+    def blockwise_vjp(primals, cotangent, output):
+        return _attention_blocks_vjp(*primals, cotangent, output, scale, mask)
+
+    return blockwise(queries, keys, values)
+
+
+# ------------------------------------------------------------------ cross-entropy
 
 
 def _cross_entropy_f32(logits, targets):
@@ -104,17 +174,21 @@ def _chunk_rows(n_rows, vocab):
     return max(1, min(n_rows, LCE_CHUNK_ELEMENTS // max(vocab, 1)))
 
 
-def _lm_head(weight, scales, biases, group_size, bits, dtype):
-    """(forward(h) -> logits, backward(d_logits) -> d_h) for a dense or quantized head."""
+def _dequantized(weight, scales, biases, group_size, bits, dtype):
+    return mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits).astype(dtype)
+
+
+def _base(weight, scales, biases, group_size, bits, dtype):
+    """(forward(x) -> x @ W.T, backward(g) -> g @ W) for a dense or quantized W."""
     if scales is None:
-        return (lambda h: h @ weight.T), (lambda d: d @ weight)
+        return (lambda x: x @ weight.T), (lambda g: g @ weight)
     if _dense_base():
-        w = mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits).astype(dtype)
-        return (lambda h: h @ w.T), (lambda d: d @ w)
+        w = _dequantized(weight, scales, biases, group_size, bits, dtype)
+        return (lambda x: x @ w.T), (lambda g: g @ w)
     qargs = dict(group_size=group_size, bits=bits)
     return (
-        lambda h: mx.quantized_matmul(h, weight, scales, biases, transpose=True, **qargs),
-        lambda d: mx.quantized_matmul(d, weight, scales, biases, transpose=False, **qargs),
+        lambda x: mx.quantized_matmul(x, weight, scales, biases, transpose=True, **qargs),
+        lambda g: mx.quantized_matmul(g, weight, scales, biases, transpose=False, **qargs),
     )
 
 
@@ -127,13 +201,13 @@ def linear_cross_entropy(
     vocab = weight.shape[0]
     rows = _chunk_rows(h.shape[0], vocab)
     if rows >= h.shape[0]:  # the logits fit in one chunk: keep them, skip the recompute
-        forward, _ = _lm_head(weight, scales, biases, group_size, bits, h.dtype)
+        forward, _ = _base(weight, scales, biases, group_size, bits, h.dtype)
         return cross_entropy(forward(h), t).reshape(shape)
     starts = range(0, h.shape[0], rows)
 
     @mx.custom_function
     def chunked(h):
-        forward, _ = _lm_head(weight, scales, biases, group_size, bits, h.dtype)
+        forward, _ = _base(weight, scales, biases, group_size, bits, h.dtype)
         losses, previous = [], None
         for i in starts:
             hc = h[i : i + rows]
@@ -148,9 +222,7 @@ def linear_cross_entropy(
         h = primals[0] if isinstance(primals, (list, tuple)) else primals
         # Hang the recomputation on the cotangent so mx.compile cannot merge it with
         # the forward's logits (which would keep every chunk alive until the backward).
-        forward, backward = _lm_head(
-            *_after(cotangent, weight, scales, biases), group_size, bits, h.dtype
-        )
+        forward, backward = _base(*_after(cotangent, weight, scales, biases), group_size, bits, h.dtype)
         ids = mx.arange(vocab)
         grads, previous = [], cotangent
         for i in starts:
@@ -168,90 +240,88 @@ def linear_cross_entropy(
     return chunked(h).reshape(shape)
 
 
-def _base_matmul(x, weight, scales, biases, group_size, bits):
-    """x @ W.T for a dense or quantized W, with a platform-chosen backward for x."""
-    if scales is None:
-        return x @ weight.T
-    if not _dense_base():
-        return mx.quantized_matmul(
-            x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits
-        )
+# ------------------------------------------------------------------ LoRA / DoRA
 
-    @mx.custom_function
-    def matmul(x):
-        w = mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits)
-        return x @ w.astype(x.dtype).T
 
-    @matmul.vjp
-    def matmul_vjp(primals, cotangent, output):
-        # Dequantize again (after the cotangent exists, so compile cannot reuse the
-        # forward's copy): no dequantized weight stays alive per layer.
-        w, s, b = _after(cotangent, weight, scales, biases)
-        w = mx.dequantize(w, s, b, group_size=group_size, bits=bits)
-        return cotangent @ w.astype(cotangent.dtype)
+def _low_rank(x, a, b, scale):
+    """scale * (x @ a) @ b in x's dtype: in half precision on a GPU, else in float32 as mlx-lm."""
+    if _half_lora(x.dtype):
+        return scale * ((x @ a.astype(x.dtype)) @ b.astype(x.dtype))
+    return (scale * ((x.astype(F32) @ a) @ b)).astype(x.dtype)
 
-    return matmul(x)
+
+def _low_rank_grads(x, g, a, b, scale):
+    """(dx of the low-rank term, da, db) for cotangent g; a and b gradients in float32."""
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    if _half_lora(x.dtype):
+        ah, bh = a.astype(x.dtype), b.astype(x.dtype)
+        gb = g2 @ bh.T
+        dx = (scale * gb) @ ah.T
+        da = scale * (x2.T.astype(F32) @ gb.astype(F32))
+        db = scale * ((x2 @ ah).T.astype(F32) @ g2.astype(F32))
+    else:
+        x32, g32 = x2.astype(F32), g2.astype(F32)
+        gb = g32 @ b.T
+        dx = ((scale * gb) @ a.T).astype(x.dtype)
+        da = scale * (x32.T @ gb)
+        db = scale * ((x32 @ a).T @ g32)
+    return dx.reshape(x.shape), da, db
 
 
 def lora_linear(
     x, weight, scales, biases, lora_a, lora_b, scale, *, group_size, bits, bias=None
 ):
-    y = _base_matmul(x, weight, scales, biases, group_size, bits)
-    if bias is not None:
-        y = y + bias
-    z = (x @ lora_a) @ lora_b
-    return y + (scale * z).astype(x.dtype)
+    @mx.custom_function
+    def lora(x, a, b):
+        forward, _ = _base(weight, scales, biases, group_size, bits, x.dtype)
+        return forward(x) + _low_rank(x, a, b, scale)
+
+    @lora.vjp
+    def lora_vjp(primals, cotangent, output):
+        x, a, b = primals
+        # The base weight again, after the cotangent exists: no dequantized copy kept alive.
+        _, backward = _base(*_after(cotangent, weight, scales, biases), group_size, bits, x.dtype)
+        dx, da, db = _low_rank_grads(x, cotangent, a, b, scale)
+        return backward(cotangent) + dx, da, db
+
+    y = lora(x, lora_a, lora_b)
+    return y if bias is None else y + bias
 
 
-def _packed_row_sq_norms(weight, scales, biases, group_size, bits):
-    """||W_j||^2 straight from the packed words: per group of w = s q + b,
-    sum w^2 = s^2 sum q^2 + 2 s b sum q + group_size b^2. No float copy of W."""
-    per_word, mask = 32 // bits, (1 << bits) - 1
-    s1 = s2 = mx.zeros(weight.shape, dtype=mx.uint32)
-    for k in range(per_word):
-        q = mx.bitwise_and(mx.right_shift(weight, k * bits), mask)
-        s1, s2 = s1 + q, s2 + q * q
-    rows, words = weight.shape
-    grouped = (rows, -1, group_size // per_word)
-    s1 = s1.reshape(grouped).sum(-1).astype(F32)
-    s2 = s2.reshape(grouped).sum(-1).astype(F32)
-    s, b = scales.astype(F32), biases.astype(F32)
-    return mx.sum(s * s * s2 + 2 * s * b * s1 + group_size * b * b, axis=1)
-
-
-def _row_sq_norms(weight, scales, biases, group_size, bits):
-    """||W_j||^2 per output row, in float32."""
-    if scales is None:
-        return mx.sum(mx.square(weight.astype(F32)), axis=1)
-    # The packed path avoids a float copy of W; on CUDA (dense base) the dequantized
-    # weight exists anyway and one fused square-sum over it measured faster.
-    if not _dense_base() and bits in (1, 2, 4, 8) and group_size % (32 // bits) == 0:
-        return _packed_row_sq_norms(weight, scales, biases, group_size, bits)
-    w = mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits)
-    return mx.sum(mx.square(w.astype(F32)), axis=1)
+def _adapted_row_norms(weight, scales, biases, group_size, bits, a, b, scale):
+    """||W_j + scale (a @ b)^T_j|| per output row, in float32 (no gradient flows through it)."""
+    w = weight if scales is None else mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits)
+    adapted = w.astype(F32) + scale * (a @ b).T
+    return mx.sqrt(mx.sum(adapted * adapted, axis=1))
 
 
 def dora_linear(
     x, weight, scales, biases, lora_a, lora_b, scale, magnitude, *, group_size, bits, bias=None
 ):
-    y = _base_matmul(x, weight, scales, biases, group_size, bits)
-    z = (x @ lora_a) @ lora_b
-    out = y + (scale * z).astype(x.dtype)
+    a, b = mx.stop_gradient(lora_a), mx.stop_gradient(lora_b)
+    denom = mx.stop_gradient(_adapted_row_norms(weight, scales, biases, group_size, bits, a, b, scale))
 
-    # ||W_j + s (A B)^T_j||^2 = ||W_j||^2 + 2 s (W A)_j . B_:j + s^2 B_:j^T (A^T A) B_:j
-    a = mx.stop_gradient(lora_a).astype(F32)
-    b = mx.stop_gradient(lora_b).astype(F32)
-    wa = _base_matmul(a.T.astype(x.dtype), weight, scales, biases, group_size, bits)
-    cross = mx.sum(wa.astype(F32) * b, axis=0)
-    lora_sq = mx.sum(((a.T @ a) @ b) * b, axis=0)
-    sq = _row_sq_norms(weight, scales, biases, group_size, bits)
-    denom = mx.sqrt(mx.maximum(sq + 2 * scale * cross + scale * scale * lora_sq, 0))
-    denom = mx.stop_gradient(denom)
+    @mx.custom_function
+    def dora(x, a, b, m):
+        forward, _ = _base(weight, scales, biases, group_size, bits, x.dtype)
+        return (m / denom).astype(x.dtype) * (forward(x) + _low_rank(x, a, b, scale))
 
-    out = (magnitude / denom).astype(x.dtype) * out
-    if bias is not None:
-        out = out + bias
-    return out
+    @dora.vjp
+    def dora_vjp(primals, cotangent, output):
+        x, a, b, m = primals
+        _, backward = _base(*_after(cotangent, weight, scales, biases), group_size, bits, x.dtype)
+        rescale = m / denom
+        g = cotangent * rescale.astype(cotangent.dtype)
+        dx, da, db = _low_rank_grads(x, g, a, b, scale)
+        # out = (m / denom) * pre, so d out / d m_j = pre_j / denom_j = out_j / m_j: nothing of
+        # size tokens x out is kept for it. (A row with m_j = 0 has out_j = 0 and gets no
+        # magnitude gradient; m starts at the base row's norm, so only an all-zero base row.)
+        flat = (cotangent * output).reshape(-1, output.shape[-1])
+        dm = mx.sum(flat.astype(F32), axis=0) / mx.where(m == 0, 1, m)
+        return backward(g) + dx, da, db, dm
+
+    out = dora(x, lora_a, lora_b, magnitude)
+    return out if bias is None else out + bias
 
 
 # EVOLVE-BLOCK-END

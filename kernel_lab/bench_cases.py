@@ -1,12 +1,19 @@
 """Training-like cases for the micro-benchmarks (stage 2 and the benchmark table).
 
-Cases are `kernel_lab.shapes` case dicts (its `make_inputs` turns them into arrays); which ones
-depends on the device, decided at run time in the worker that times them.
+Cases are `kernel_lab.shapes` case dicts (its `make_inputs` turns them into arrays), marked large
+like stage 1's training-sized cases; which ones depends on the device, decided at run time in the
+worker that times them.
 """
 
 import mlx.core as mx
 
-from .shapes import GROUP_SIZE, LORA_RANK, LORA_SCALE, MODEL_CONFIGS, _case
+from .shapes import GROUP_SIZE, LORA_RANK, LORA_SCALE, MODEL_CONFIGS
+from .shapes import _case as _shape_case
+
+
+def _case(kernel, model, role, tokens, **fields):
+    """A shapes case marked large: make_inputs draws uniform values of std 1, 4x cheaper on a CPU."""
+    return _shape_case(kernel, model, role, tokens, large=True, **fields)
 
 
 def _on_cpu():
@@ -32,6 +39,8 @@ def bench_cases(kernel):
                 _case(kernel, "qwen2.5-0.5b", "norm/4x512", (4, 512), dim=q["hidden"], eps=q["rms_eps"])]
     if kernel == "rope":
         return [_rope_bench("smollm2-135m", (2, 512)), _rope_bench("qwen3-0.6b", (2, 512))]
+    if kernel == "attention":
+        return [_attention_bench("smollm2-135m", (1, 128)), _attention_bench("qwen2.5-0.5b", (1, 128))]
     if kernel == "swiglu":
         return [_case(kernel, m, "mlp/1x256", (1, 256), dim=c["intermediate"])
                 for m, c in (("smollm2-135m", s), ("qwen2.5-0.5b", q))]
@@ -52,6 +61,13 @@ def _rope_bench(model, tokens):
                  dims=c["head_dim"], traditional=False, base=c["rope_theta"], scale=1.0, offset=0)
 
 
+def _attention_bench(model, tokens):
+    """Causal GQA self-attention as mlx-lm trains it."""
+    c = MODEL_CONFIGS[model]
+    return _case("attention", model, f"self-attn/causal/{tokens[0]}x{tokens[1]}", tokens, heads=c["heads"],
+                 kv_heads=c["kv_heads"], head_dim=c["head_dim"], mask="causal")
+
+
 def _adapter_bench(kernel, model, role, in_dim, out_dim, tokens):
     return _case(kernel, model, f"{role}/q4/{tokens[0]}x{tokens[1]}", tokens, in_dim=in_dim, out_dim=out_dim,
                  rank=LORA_RANK, scale=LORA_SCALE, quantized=True, group_size=GROUP_SIZE)
@@ -64,6 +80,8 @@ def _gpu_bench_cases(kernel, s, q):
                 for m, c in (("smollm2-135m", s), ("qwen2.5-0.5b", q))]
     if kernel == "rope":
         return [_rope_bench("smollm2-135m", big), _rope_bench("qwen2.5-0.5b", big)]
+    if kernel == "attention":  # mlx-lm trains on max_seq_length - 1 = 1023 tokens (inputs, targets)
+        return [_attention_bench("smollm2-135m", (8, 1023)), _attention_bench("qwen2.5-0.5b", (8, 1023))]
     if kernel == "swiglu":
         return [_case(kernel, m, "mlp/8x1024", big, dim=c["intermediate"])
                 for m, c in (("smollm2-135m", s), ("qwen2.5-0.5b", q))]

@@ -2,11 +2,13 @@
 
     python -m kernel_lab.benchmark [PROGRAM ...] [--budget cpu|gpu|table] [--model M ...]
 
-Fine-tuning: for each model and fine-tune type, stock mlx-lm and every program train the
-same model (seed, data, steps) in child processes under the device lock, one run per
-side per trial, the order rotated each trial so drift hits every side alike. Per side:
-median tokens/s (mlx-lm's count, compile window left out), median peak memory, final
-loss; ratios against stock. Micro: each kernel's forward+backward time and peak memory
+Fine-tuning (kernel_lab.macrobench, the code path stage 3 uses): per model, one worker per side
+(stock mlx-lm, each program) loads the model once; LoRA then DoRA; all sides compile at the same
+time, then measured windows of fixed-shape batches alternate between the sides (order rotated).
+Per side: median tokens/s over windows (mlx-lm's count), median peak memory, the loss curve;
+against stock: the median of the per-window-pair speedups, the gradient check of each program.
+A program "stock" is kernel_lab.ops.STOCK patched in, "none" is plain mlx-lm again (stock
+against stock: the noise floor). Micro: each kernel's forward+backward time and peak memory
 per program, measured as the evaluator's stage 2 does (kernel_lab.microrun: each program in
 its own process, stock in another, rounds alternated), and for the memory-bound kernels the
 fraction of the device's measured copy bandwidth they reach (the roofline). Writes
@@ -22,70 +24,58 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import macrobench
-from .sandbox import run_task
+from . import budgets, macrobench
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROGRAMS = (ROOT / "initial_program.py", ROOT / "examples" / "optimized_program.py")
 
-# "table": the configuration of the README's table (issue targets): batch 8 x 1024
-# tokens, LoRA rank 8 on every layer, bfloat16, long documentation chunks.
-BUDGETS = dict(
-    macrobench.BUDGETS,
-    table=dict(iters=20, batch_size=8, max_seq_length=1024, num_layers=-1, rank=8,
-               steps_per_report=5, trials=2, learning_rate=1e-5, timeout=600,
-               models="all", dtype="bfloat16", max_chars=6000),
-)
+BUDGETS = budgets.BUDGETS  # "table": the README's table (8 x 1024 tokens, every block, bfloat16)
 
 
 def _log(message):
     print(message, file=sys.stderr, flush=True)
 
 
-def _median(records, key):
-    return statistics.median(r[key] for r in records)
+def side_name(program):
+    """A program's side name in the table: its file stem; "stock" -> "ops.STOCK" (the stock kernels
+    patched in), "none" -> "mlx-lm" (plain mlx-lm again: stock against itself)."""
+    return {"stock": "ops.STOCK", "none": "mlx-lm"}.get(str(program), Path(program).stem)
 
 
-def compare_sides(model, fine_tune_type, programs, budget, seed=0):
-    """Train stock and each program, rotated over trials; per-side records and medians."""
-    keys = ("iters", "batch_size", "max_seq_length", "num_layers", "rank",
-            "steps_per_report", "learning_rate", "dtype", "max_chars")
-    common = {k: budget[k] for k in keys if k in budget}
-    common.update(model=model, fine_tune_type=fine_tune_type, seed=seed)
-    sides = {"stock": None, **{Path(p).stem: str(p) for p in programs}}
-    records = {name: [] for name in sides}
-    names = list(sides)
-    for trial in range(budget["trials"]):
-        shift = trial % len(names)
-        for name in names[shift:] + names[:shift]:
-            tic = time.perf_counter()
-            rec = macrobench._run(dict(common, program=sides[name]), budget["timeout"], None,
-                                  run_task)
-            records[name].append(rec)
-            status = (f"{rec['tokens_per_second']:.0f} tok/s, {rec['peak_memory'] / 1e9:.2f} GB, "
-                      f"loss {rec['final_loss']:.4f}" if rec.get("ok") else f"FAILED: {rec['error']}")
-            _log(f"  {model} {fine_tune_type} trial {trial + 1} {name}: {status} "
-                 f"({time.perf_counter() - tic:.0f} s)")
+def compare_sides(programs, budget=None, *, models=None, fine_tune_types=("lora", "dora"), seed=0,
+                  sandbox=None, log=None, **overrides):
+    """Stock mlx-lm and every program, measured by kernel_lab.macrobench (alternating windows);
+    (one row per model, fine-tune type and side, the comparison's full result)."""
+    sides = {side_name(p): str(p) for p in programs}
+    result = macrobench.run_sides(sides, models=models, fine_tune_types=fine_tune_types,
+                                  budget=budget, seed=seed, stop_on_failure=False, sandbox=sandbox,
+                                  log=log or _log, **overrides)
     rows = []
-    stock = records["stock"]
-    for name in names:
-        recs = records[name]
-        row = {"side": name, "model": model, "fine_tune_type": fine_tune_type,
-               "ok": all(r.get("ok") for r in recs)}
-        if row["ok"]:
-            row.update(tokens_per_second=_median(recs, "tokens_per_second"),
-                       peak_memory_gb=_median(recs, "peak_memory") / 1e9,
-                       final_loss=recs[0]["final_loss"], losses=recs[0]["losses"],
-                       steps=[r["iteration"] for r in recs[0].get("reports", [])],
-                       tokens_per_second_runs=[r["tokens_per_second"] for r in recs])
-            if name != "stock" and all(r.get("ok") for r in stock):
-                row["speedup"] = row["tokens_per_second"] / _median(stock, "tokens_per_second")
-                row["memory_reduction"] = 1 - row["peak_memory_gb"] * 1e9 / _median(stock, "peak_memory")
-                row["loss_rel_diff"] = macrobench.loss_rel_diff(stock[0]["losses"], recs[0]["losses"])[0]
-        else:
-            row["error"] = next(r["error"] for r in recs if not r.get("ok"))
-        rows.append(row)
-    return rows
+    for run in result["runs"]:
+        stock = run["sides"].get("stock")
+        stock_ok = stock is not None and "stock" not in run["errors"]
+        for name in ["stock", *sides]:
+            side, error = run["sides"].get(name), run["errors"].get(name)
+            row = {"side": name, "model": run["model"], "fine_tune_type": run["fine_tune_type"],
+                   "ok": side is not None and error is None and bool(side["tokens_per_second"])}
+            if not row["ok"]:
+                row["error"] = error or "not measured (stock mlx-lm failed)"
+                rows.append(row)
+                continue
+            reports = side["reports"]
+            row.update(tokens_per_second=statistics.median(side["tokens_per_second"]),
+                       peak_memory_gb=statistics.median(side["peak_memory"]) / 1e9,
+                       final_loss=reports[-1]["train_loss"], losses=[r["train_loss"] for r in reports],
+                       steps=[r["iteration"] for r in reports],
+                       tokens_per_second_runs=side["tokens_per_second"])
+            if name != "stock" and stock_ok:
+                pair = macrobench.pair_metrics(stock, side)
+                row.update(speedup=pair["training_speedup"], speedups=pair["speedups"],
+                           memory_reduction=pair["memory_reduction"],
+                           loss_rel_diff=pair["loss_rel_diff"],
+                           **{k: pair[k] for k in ("grad_cosine_min", "grad_rel_err_max") if k in pair})
+            rows.append(row)
+    return rows, result
 
 
 def micro_table(programs, dtype=None, seed=0, names=None):
@@ -246,8 +236,8 @@ def main(argv=None):
     parser.add_argument("--model", action="append", dest="models",
                         help="model spec, path or hub id (repeatable); default per budget")
     parser.add_argument("--fine-tune-type", action="append", dest="ftts", choices=["lora", "dora"])
-    parser.add_argument("--iters", type=int)
-    parser.add_argument("--trials", type=int)
+    parser.add_argument("--windows", type=int, help="measured windows a side")
+    parser.add_argument("--option", default="", help="budget overrides, e.g. window_steps=8,seq_len=512")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-micro", action="store_true", help="skip the per-kernel table")
     parser.add_argument("--no-macro", action="store_true", help="skip the fine-tuning runs")
@@ -258,22 +248,27 @@ def main(argv=None):
     if args.summarize:
         return summarize(args.summarize)
 
-    programs = [Path(p).resolve() for p in (args.programs or DEFAULT_PROGRAMS)]
+    programs = [p if p in ("stock", "none") else Path(p).resolve()
+                for p in (args.programs or DEFAULT_PROGRAMS)]
     for p in programs:
-        if not p.is_file():
+        if p not in ("stock", "none") and not p.is_file():
             parser.error(f"program not found: {p}")
-    budget = dict(BUDGETS[args.budget or macrobench.default_budget()])
-    budget.update({k: v for k, v in (("iters", args.iters), ("trials", args.trials)) if v})
-    models = args.models or macrobench.default_models(budget.get("models", "all"))
+    overrides = budgets.parse_options(args.option)
+    if args.windows:
+        overrides["windows"] = args.windows
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    _log(f"benchmark on {mx.default_device()}: {len(models)} model(s), budget {budget}")
+    _log(f"benchmark on {mx.default_device()}: budget {args.budget or 'by device'} {overrides}")
 
-    macro_rows = []
+    macro_rows, budget = [], None
     if not args.no_macro:
-        for model in models:
-            for ftt in args.ftts or ("lora", "dora"):
-                macro_rows += compare_sides(model, ftt, programs, budget, seed=args.seed)
-    micro = None if args.no_micro else micro_table(programs, seed=args.seed)
+        macro_rows, compared = compare_sides(programs, args.budget, models=args.models,
+                                             fine_tune_types=args.ftts or ("lora", "dora"),
+                                             seed=args.seed, **overrides)
+        budget = compared.get("budget")
+        if compared["error"]:
+            _log(f"fine-tuning: {compared['error']}")
+    files = [p for p in programs if p not in ("stock", "none")]
+    micro = None if args.no_micro or not files else micro_table(files, seed=args.seed)
 
     print(format_tables(macro_rows, micro) + format_scores(scores(macro_rows, micro)))
     out = Path(args.out)

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 KERNEL_NAMES = (
     "rms_norm",  # rms_norm(x, weight, eps) -> like mx.fast.rms_norm
     "rope",  # rope(x, dims, *, traditional, base, scale, offset, freqs=None) -> like mx.fast.rope
+    "attention",  # attention(queries, keys, values, *, scale, mask=None) -> like mx.fast.scaled_dot_product_attention
     "swiglu",  # swiglu(gate, up) -> silu(gate) * up
     "cross_entropy",  # cross_entropy(logits, targets) -> per-token float32 loss
     "linear_cross_entropy",  # (hidden, weight, targets, *, scales=None, biases=None, group_size=None, bits=None)

@@ -173,3 +173,37 @@ def load_datasets(tokenizer, data=None, max_chars=DEFAULT_MAX_CHARS, mask_prompt
     train_set = CacheDataset(create_dataset(train, tokenizer, config))
     valid_set = CacheDataset(create_dataset(valid, tokenizer, config)) if valid else None
     return train_set, valid_set
+
+
+def packed_rows(dataset, *, rows, length, seed=0):
+    """`rows` x `length` int32 tokens (numpy): the examples of a tokenized dataset (mlx-lm's
+    `CacheDataset` or a list of (tokens, offset)) in a seeded order, concatenated and cut into
+    rows; when the set holds fewer tokens, the stream repeats. Examples are tokenized only
+    until there are enough tokens."""
+    import numpy as np
+
+    if rows < 1 or length < 2:
+        raise DataError(f"need at least 1 row of 2 tokens, not {rows} x {length}")
+    need = rows * length
+    stream, total = [], 0
+    for index in np.random.default_rng(seed).permutation(len(dataset)):
+        tokens = dataset[int(index)][0]
+        stream.append(np.asarray(tokens, dtype=np.int32))
+        total += len(tokens)
+        if total >= need:
+            break
+    if total == 0:
+        raise DataError("the training set holds no tokens")
+    return np.resize(np.concatenate(stream), need).reshape(rows, length)
+
+
+def fixed_batches(dataset, *, batch_size, seq_len, count, seed=0):
+    """`count` batches in mlx-lm's format (tokens [batch_size, seq_len + 1], lengths
+    [batch_size, 2]), numpy, every one the same shape: packed rows (`packed_rows`), so
+    mlx-lm's loss trains on all seq_len targets of every row and a compiled step never
+    sees a new shape."""
+    import numpy as np
+
+    tokens = packed_rows(dataset, rows=batch_size * count, length=seq_len + 1, seed=seed)
+    lengths = np.tile(np.array([[0, seq_len + 1]], dtype=np.int32), (batch_size, 1))
+    return [(tokens[i * batch_size:(i + 1) * batch_size], lengths) for i in range(count)]

@@ -1,75 +1,258 @@
-"""Stage 3: a program's kernels inside real mlx-lm LoRA / DoRA fine-tuning, against stock.
+"""Real mlx-lm LoRA / DoRA fine-tuning, stock against any number of programs: the one code path
+that measures training, for stage 3 (`kernel_lab.stage3`) and `python -m kernel_lab.benchmark`.
 
-For each model and fine-tune type, the same training (model, seed, data, steps) runs
-stock (plain mlx-lm: its own layers and `default_loss`) and patched with the
-candidate's kernels, each in a child process (`sandbox.run_task`) under the device
-lock, alternated over trials as stock, cand, cand, stock, ... so drift (thermal,
-other load) hits both sides alike. Per run pair:
-
-- training_speedup = candidate tokens/s / stock tokens/s (steady rate: the first
-  report window, which holds the compile, is left out), median over trials;
-- memory_ratio = stock peak / candidate peak, memory_reduction = 1 - cand/stock
-  (peak memory of the training, reset after loading);
-- loss_rel_diff = max over reports of |cand - stock| / |stock|; the run FAILS when
-  the final loss differs by more than 1% or any report by more than 2%.
-
-A candidate whose training breaks (an exception in a kernel, NaN at step N, out of
-memory) fails the stage with the error from `kernel_lab.training` (kernel, layer,
-step). `run_macro` returns metrics + per-run records; scoring is kernel_lab.score's.
+Per model, one long-lived sandbox Session per side (stock mlx-lm, then each program;
+`kernel_lab.trainworker`) loads the model once. Per fine-tune type (LoRA, then DoRA in the same
+workers) every side prepares at the same time, never timed: a program's side first checks its
+gradients against stock's (`kernel_lab.gradcheck`), then each side compiles and trains its warm-up
+windows. Then the measured windows of W steps alternate between the sides, one side training at a
+time, the order rotated every window so drift cancels. Every batch has the same shape B x (L + 1)
+tokens (packed), so nothing compiles in a measured window. Per window: mlx-lm's tokens/s, its
+loss, and the peak memory since the window start. This module imports no MLX: it can run in the
+evaluator's own process.
 """
 
 import math
 import statistics
-from pathlib import Path
+import sys
+import time
+
+from . import budgets
+
+WORKER = "kernel_lab.trainworker"
+STOCK_SIDE = "stock"
+
+
+def _log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+class Comparison:
+    """The sides' Sessions and a deadline; each call's limit is cut to what is left."""
+
+    def __init__(self, budget, sandbox, memory_limit, deadline, log):
+        self.budget, self.sandbox, self.memory_limit = budget, sandbox, memory_limit
+        self.deadline, self.log = deadline, log
+        self.sessions = {}
+
+    def session(self, key):
+        if key not in self.sessions:
+            env = {} if self.budget.get("tf32") else {"MLX_ENABLE_TF32": "0"}
+            self.sessions[key] = self.sandbox.Session(memory_limit=self.memory_limit, env=env)
+        return self.sessions[key]
+
+    def limit(self, seconds):
+        left = self.deadline - time.monotonic()
+        if left <= 1:
+            raise TimeoutError("the training comparison ran past its overall time limit")
+        return min(seconds, left)
+
+    def together(self, calls, timeout):
+        """Submit {key: (function, kwargs)} at once, wait for all; {key: (ok, value or error)}."""
+        keys = list(calls)
+        for key in keys:
+            function, kwargs = calls[key]
+            self.session(key).submit(f"{WORKER}:{function}", kwargs)
+        results = self.sandbox.wait_all([self.session(k) for k in keys], self.limit(timeout))
+        return {k: _unpack(r) for k, r in zip(keys, results)}
+
+    def call(self, key, function, kwargs=None, timeout=60):
+        return _unpack(self.session(key).call(f"{WORKER}:{function}", kwargs or {},
+                                              timeout=self.limit(timeout)))
+
+    def close(self, model=None):
+        for key in [k for k in self.sessions if model is None or k[0] == model]:
+            self.sessions.pop(key).close()
+
+
+def _unpack(task):
+    """(ok, value) from a TaskResult: a worker's error record, or the child's own failure."""
+    if not task.ok:
+        return False, {"ok": False, "error": task.error, "error_kind": "crash",
+                       "traceback": task.traceback}
+    value = task.value if isinstance(task.value, dict) else {"ok": True, "value": task.value}
+    return bool(value.get("ok", True)), value
+
+
+def compare_model(comp, model, programs, fine_tune_types, *, seed=0, data=None, loaded=None,
+                  stop_on_failure=True):
+    """Stock and every program on one model, each fine-tune type in turn; [run dict]. A side
+    that failed sits out the model's later fine-tune types (stop_on_failure: they are skipped)."""
+    budget, names = comp.budget, [STOCK_SIDE] + list(programs)
+    sides = {STOCK_SIDE: None, **programs}
+    if loaded is None:
+        loaded = load_sides(comp, [model], sides, seed=seed, data=data)[model]
+    runs, alive = [], [n for n in names if loaded[n][0]]
+    for ftt in fine_tune_types:
+        run = {"model": model, "fine_tune_type": ftt, "sides": {}, "errors": {}}
+        runs.append(run)
+        for name in names:
+            if not loaded[name][0]:
+                run["errors"][name] = f"could not start: {loaded[name][1]['error']}"
+            elif name not in alive:
+                run["errors"][name] = "skipped: it failed with an earlier fine-tune type"
+        if STOCK_SIDE not in alive or len(alive) < 2:
+            break
+        prepare = {k: budget[k] for k in ("num_layers", "rank", "scale", "learning_rate",
+                                          "window_steps", "warmup_windows", "windows",
+                                          "grad_check", "grad_batches", "grad_check_compute")}
+        prepared = comp.together({(model, n): ("prepare", dict(prepare, fine_tune_type=ftt, seed=seed))
+                                  for n in alive}, budget["prepare_timeout"])
+        for name in list(alive):
+            ok, value = prepared[(model, name)]
+            run["sides"][name] = _new_side(value)
+            if not ok:
+                run["errors"][name] = f"while preparing: {value.get('error')}"
+                alive.remove(name)
+        comp.log(f"[stage 3] {model} {ftt}: prepared " + ", ".join(
+            f"{n} {run['sides'][n]['prepare_seconds'] or 0:.1f} s"
+            + ("" if n not in run["errors"] else " (FAILED)") for n in run["sides"]))
+        if STOCK_SIDE in alive and len(alive) > 1 and not (run["errors"] and stop_on_failure):
+            _measure(comp, model, ftt, run, alive, stop_on_failure)
+        finished = comp.together({(model, n): ("finish", {"abort": bool(run["errors"])})
+                                  for n in alive}, 120)
+        for name in list(alive):
+            ok, value = finished[(model, name)]
+            run["sides"][name]["patch_report"] = value.get("patch_report_text")
+            if not ok and value.get("error_kind") != "aborted" and name not in run["errors"]:
+                run["errors"][name] = f"at the end of training: {value.get('error')}"
+        alive = [n for n in alive if n not in run["errors"]]
+        if run["errors"] and stop_on_failure:
+            break
+    return runs
+
+
+def _new_side(prepared):
+    check = prepared.get("grad_check") or {}
+    warm = prepared.get("warmup") or []
+    return {"ok": bool(prepared.get("ok")), "grad_check": check or None,
+            "prepare_seconds": prepared.get("seconds"),
+            "reports": list(warm), "tokens_per_second": [], "peak_memory": [],
+            "wall_seconds": []}
+
+
+def _measure(comp, model, ftt, run, alive, stop_on_failure):
+    """The measured windows: one side at a time, the order rotated every window; ends early when
+    stock or (stop_on_failure) any side fails, or no program is left."""
+    windows = comp.budget["windows"]
+    for w in range(windows):
+        if STOCK_SIDE not in alive or len(alive) < 2 or (run["errors"] and stop_on_failure):
+            return
+        order = alive[w % len(alive):] + alive[:w % len(alive)]
+        for name in order:
+            if name not in alive:
+                continue
+            ok, value = comp.call((model, name), "window", timeout=comp.budget["window_timeout"])
+            if not ok:
+                run["errors"][name] = f"in measured window {w + 1}: {value.get('error')}"
+                alive.remove(name)
+                continue
+            side = run["sides"][name]
+            side["reports"].append(value)
+            side["tokens_per_second"].append(value["tokens_per_second"])
+            side["peak_memory"].append(value["peak_memory"])
+            side["wall_seconds"].append(value["wall_seconds"])
+            comp.log(f"  {model} {ftt} window {w + 1}/{windows} {name:<20} "
+                     f"{value['tokens_per_second']:9.1f} tok/s {value['peak_memory'] / 1e9:7.3f} GB "
+                     f"loss {value['train_loss']:.4f} ({value['wall_seconds']:.2f} s)")
+
+
+def load_sides(comp, models, sides, *, seed=0, data=None):
+    """Start one worker per (model, side) and load them all at once; {model: {side: (ok, info)}}."""
+    budget = comp.budget
+    steps = (budget["warmup_windows"] + budget["windows"]) * budget["window_steps"]
+    common = {k: budget[k] for k in ("batch_size", "seq_len", "dtype", "max_chars")}
+    common.update(steps=max(steps, budget["grad_batches"]), seed=seed, data=data)
+    calls = {(m, n): ("load", dict(common, model=m, program=p)) for m in models
+             for n, p in sides.items()}
+    results = comp.together(calls, budget["load_timeout"])
+    loaded = {m: {n: results[(m, n)] for n in sides} for m in models}
+    for m in models:
+        info = loaded[m][STOCK_SIDE][1]
+        if loaded[m][STOCK_SIDE][0]:
+            comp.log(f"[stage 3] loaded {m} ({info.get('dtype')}, batches "
+                     f"{'x'.join(map(str, info.get('batch_shape', [])))}) in "
+                     f"{info.get('seconds', 0):.1f} s")
+    return loaded
+
+
+def run_sides(programs, *, models=None, fine_tune_types=("lora", "dora"), budget=None, seed=0,
+              data=None, memory_limit=None, timeout=3600.0, lock_timeout=None, stop_on_failure=True,
+              sandbox=None, log=_log, **overrides):
+    """Stock mlx-lm against `programs` ({side name: program path, "stock" or "none"}).
+
+    budget: a name from kernel_lab.budgets.BUDGETS, a dict, or None (by the workers' device);
+    overrides replace its entries. Returns {"budget", "device", "models", "runs": [run], "error"}.
+    """
+    if sandbox is None:
+        from . import sandbox
+    # `timeout` counts from here, the wait for the device lock included, so that stage 3 as a
+    # whole ends before OpenEvolve's own evaluation timeout (config.yaml).
+    comp = Comparison({}, sandbox, memory_limit, time.monotonic() + timeout, log)
+    result = {"runs": [], "error": None, "models": [], "lock_wait_seconds": 0.0}
+    asked = time.monotonic()
+    try:
+        with sandbox.device_lock(timeout=lock_timeout):
+            result["lock_wait_seconds"] = time.monotonic() - asked
+            comp.budget = budgets.resolve_budget(budget, gpu=None, **overrides)
+            first = comp.session(("?", STOCK_SIDE))
+            ok, device = _unpack(first.call(f"{WORKER}:hello", {}, timeout=comp.limit(
+                comp.budget.get("load_timeout", 300))))
+            if not ok:
+                raise RuntimeError(f"the training worker does not start: {device.get('error')}")
+            comp.budget = budgets.check_budget(
+                budgets.resolve_budget(budget, gpu=device["gpu"], **overrides))
+            result.update(device=device, budget=comp.budget)
+            models = list(models or budgets.default_models(comp.budget["models"]))
+            result["models"] = models
+            if not models:
+                raise RuntimeError("no real model is available offline for the fine-tuning runs")
+            comp.sessions[(models[0], STOCK_SIDE)] = comp.sessions.pop(("?", STOCK_SIDE))
+            sides = {STOCK_SIDE: None, **programs}
+            preloaded = load_sides(comp, models, sides, seed=seed, data=data) \
+                if comp.budget["preload"] else {}
+            for model in models:
+                runs = compare_model(comp, model, programs, fine_tune_types, seed=seed, data=data,
+                                     loaded=preloaded.get(model), stop_on_failure=stop_on_failure)
+                result["runs"] += runs
+                comp.close(model)
+                if stop_on_failure and any(r["errors"] for r in runs):
+                    break
+    except (TimeoutError, RuntimeError, ValueError) as exc:  # ValueError: a budget that cannot work
+        result["error"] = str(exc)
+    finally:
+        comp.close()
+    return result
+
+
+def pair_metrics(stock, cand):
+    """Candidate against stock over the same windows: speedup (median of the per-window-pair
+    ratios), memory (median peaks), loss difference per report, gradient check numbers."""
+    pairs = list(zip(stock["tokens_per_second"], cand["tokens_per_second"]))
+    metrics = {}
+    if pairs:
+        speedups = [c / s for s, c in pairs]
+        peak_stock = statistics.median(stock["peak_memory"])
+        peak_cand = statistics.median(cand["peak_memory"])
+        metrics.update(training_speedup=statistics.median(speedups), speedups=speedups,
+                       stock_tokens_per_second=statistics.median(s for s, _ in pairs),
+                       candidate_tokens_per_second=statistics.median(c for _, c in pairs),
+                       stock_peak_memory=peak_stock, candidate_peak_memory=peak_cand,
+                       memory_ratio=peak_stock / peak_cand,
+                       memory_reduction=1.0 - peak_cand / peak_stock)
+    worst, final = loss_rel_diff([r["train_loss"] for r in stock["reports"]],
+                                 [r["train_loss"] for r in cand["reports"]])
+    metrics.update(loss_rel_diff=worst, final_loss_rel_diff=final,
+                   loss_matches=worst <= REPORT_LOSS_TOLERANCE and final <= FINAL_LOSS_TOLERANCE)
+    check = cand.get("grad_check") or {}
+    for key in ("grad_cosine_min", "grad_rel_err_max"):
+        if key in check:
+            metrics[key] = check[key]
+    return metrics
+
 
 FINAL_LOSS_TOLERANCE = 0.01
 REPORT_LOSS_TOLERANCE = 0.02
-
-# Budgets. "cpu": a 2-core CI machine (one LoRA step of the 135M model at 1x32 tokens
-# takes a few seconds there). "gpu": a real run for Metal / CUDA.
-BUDGETS = {
-    # 3 steps of 1 x 32 tokens on LoRA'd last 2 layers of the default model: step 1 holds
-    # the compile and is left out of tokens/s; ~30 s a run on 2 cores, 4 runs.
-    "cpu": dict(iters=3, batch_size=1, max_seq_length=32, num_layers=2, rank=8,
-                steps_per_report=1, trials=1, learning_rate=1e-5, timeout=300,
-                models="default"),
-    "gpu": dict(iters=40, batch_size=4, max_seq_length=512, num_layers=16, rank=8,
-                steps_per_report=5, trials=2, learning_rate=1e-5, timeout=600,
-                models="all"),
-}
-_TRAIN_KEYS = ("iters", "batch_size", "max_seq_length", "num_layers", "rank",
-               "steps_per_report", "learning_rate")
-
-
-def default_budget():
-    """'gpu' when MLX's default device is a GPU (Metal or CUDA), else 'cpu'."""
-    import mlx.core as mx  # imported here: the evaluator's process must not load MLX
-
-    return "gpu" if mx.default_device() == mx.gpu else "cpu"
-
-
-def resolve_budget(budget=None, **overrides):
-    """A budget dict from a name (None: by device) or a dict, with overrides applied."""
-    if budget is None:
-        budget = default_budget()
-    if isinstance(budget, str):
-        if budget not in BUDGETS:
-            raise ValueError(f"unknown budget {budget!r}; choose from {', '.join(BUDGETS)}")
-        base = dict(BUDGETS[budget], name=budget)
-    else:
-        base = dict(budget)
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    return base
-
-
-def default_models(which="all"):
-    """Every real model available offline ("all"), or just the embedded default ("default")."""
-    from .models import DEFAULT_MODEL, available_offline
-
-    offline = list(available_offline())
-    if which == "default":
-        return [m for m in offline if m == DEFAULT_MODEL] or offline[:1]
-    return offline
 
 
 def loss_rel_diff(stock_losses, cand_losses):
@@ -79,204 +262,3 @@ def loss_rel_diff(stock_losses, cand_losses):
     diffs = [abs(c - s) / max(abs(s), 1e-12) for s, c in zip(stock_losses, cand_losses)]
     diffs = [d if math.isfinite(d) else math.inf for d in diffs]
     return max(diffs), diffs[-1]
-
-
-def _run(kwargs, timeout, memory_limit, runner):
-    """One training in a child under the device lock; a record dict either way."""
-    from .sandbox import device_lock
-
-    with device_lock():
-        result = runner("kernel_lab.training:train_once", kwargs, timeout=timeout,
-                        memory_limit=memory_limit)
-    if result.ok and isinstance(result.value, dict):
-        record = result.value
-    else:
-        error = result.error or "no result"
-        oom = "memory" in error.lower()
-        record = {"ok": False, "error_kind": "oom" if oom else "crash", "error": error,
-                  "traceback": result.traceback}
-    record["child_seconds"] = result.seconds
-    return record
-
-
-def compare_pair(model, fine_tune_type, program, budget, *, seed=0, data=None,
-                 memory_limit=None, runner=None):
-    """Alternated stock / candidate trainings of one model; the per-run metrics dict."""
-    from .sandbox import run_task
-
-    runner = runner or run_task
-    common = {k: budget[k] for k in _TRAIN_KEYS}
-    common.update(model=model, fine_tune_type=fine_tune_type, seed=seed, data=data)
-    sides = {"stock": dict(common, program=None), "candidate": dict(common, program=program)}
-    records = {"stock": [], "candidate": []}
-    entry = {"model": model, "fine_tune_type": fine_tune_type, "ok": False, "records": records}
-    # A few seconds on a tiny model of the same family first: a candidate that breaks
-    # inside the model fails here, before minutes of real training.
-    from .training import model_family
-
-    family = model_family(model) or "llama"
-    check = runner("kernel_lab.training:preflight",
-                   {"program": program, "family": family, "fine_tune_type": fine_tune_type},
-                   timeout=budget.get("preflight_timeout", 120), memory_limit=memory_limit)
-    pre = check.value if check.ok and isinstance(check.value, dict) else {
-        "ok": False, "error": check.error or "no result", "error_kind": "crash"}
-    entry["preflight"] = {k: pre.get(k) for k in ("ok", "error", "error_kind", "losses")}
-    if not pre["ok"]:
-        entry["error"] = (f"{model} {fine_tune_type}: the candidate's kernels fail in a tiny "
-                          f"{family} model: {pre['error']}")
-        entry["error_kind"] = pre.get("error_kind")
-        entry["failed_side"] = "candidate"
-        return entry
-    for trial in range(budget["trials"]):
-        order = ("stock", "candidate") if trial % 2 == 0 else ("candidate", "stock")
-        for side in order:
-            rec = _run(sides[side], budget["timeout"], memory_limit, runner)
-            records[side].append(rec)
-            if not rec["ok"]:
-                who = "stock mlx-lm" if side == "stock" else "the candidate's kernels"
-                entry["error"] = f"{model} {fine_tune_type}: training with {who} failed: {rec['error']}"
-                entry["error_kind"] = rec.get("error_kind")
-                entry["failed_side"] = side
-                return entry
-    speedups = [c["tokens_per_second"] / s["tokens_per_second"]
-                for s, c in zip(records["stock"], records["candidate"])]
-    peak_stock = statistics.median(r["peak_memory"] for r in records["stock"])
-    peak_cand = statistics.median(r["peak_memory"] for r in records["candidate"])
-    worst = max((loss_rel_diff(s["losses"], c["losses"])
-                 for s, c in zip(records["stock"], records["candidate"])), key=lambda d: d[0])
-    loss_ok = worst[1] <= FINAL_LOSS_TOLERANCE and worst[0] <= REPORT_LOSS_TOLERANCE
-    entry.update(
-        ok=loss_ok,
-        training_speedup=statistics.median(speedups),
-        speedups=speedups,
-        stock_tokens_per_second=statistics.median(r["tokens_per_second"] for r in records["stock"]),
-        candidate_tokens_per_second=statistics.median(
-            r["tokens_per_second"] for r in records["candidate"]),
-        stock_peak_memory=peak_stock,
-        candidate_peak_memory=peak_cand,
-        memory_ratio=peak_stock / peak_cand,
-        memory_reduction=1.0 - peak_cand / peak_stock,
-        loss_rel_diff=worst[0],
-        final_loss_rel_diff=worst[1],
-        loss_matches=loss_ok,
-        stock_losses=records["stock"][0]["losses"],
-        candidate_losses=records["candidate"][0]["losses"],
-        patch_report=records["candidate"][0].get("patch_report_text"),
-    )
-    if not loss_ok:
-        entry["error"] = (
-            f"{model} {fine_tune_type}: the candidate's training loss differs from stock "
-            f"(final {worst[1]:.2%}, worst report {worst[0]:.2%}; limits "
-            f"{FINAL_LOSS_TOLERANCE:.0%} / {REPORT_LOSS_TOLERANCE:.0%})"
-        )
-    return entry
-
-
-def _geomean(values):
-    values = list(values)
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
-
-
-def run_macro(program, *, models=None, fine_tune_types=("lora", "dora"), budget=None,
-              seed=0, data=None, memory_limit=None, stop_on_failure=True, runner=None,
-              **overrides):
-    """Stage 3 for `program` (a path): stock vs candidate training on each model.
-
-    models: None = every real model available offline; extra hub ids or paths may be
-    listed (the "cpu" budget takes only the embedded default model, as the others
-    are too slow for CI there). budget: "cpu", "gpu", a dict, or None (by device); keyword overrides
-    (iters=..., trials=...) replace budget entries. Returns
-    {"ok", "error", "runs": [per-run metrics + records], "training_speedup",
-    "memory_ratio", "memory_reduction", "loss_rel_diff", "loss_matches", "budget"}.
-    """
-    budget = resolve_budget(budget, **overrides)
-    program = str(Path(program).resolve())
-    models = list(models) if models else default_models(budget.get("models", "all"))
-    if not models:
-        return {"ok": False, "error": "no real model is available offline for stage 3",
-                "runs": [], "budget": budget}
-    runs, errors = [], []
-    for model in models:
-        for ftt in fine_tune_types:
-            entry = compare_pair(model, ftt, program, budget, seed=seed, data=data,
-                                 memory_limit=memory_limit, runner=runner)
-            runs.append(entry)
-            if not entry["ok"]:
-                errors.append(entry["error"])
-                if stop_on_failure:
-                    break
-        if errors and stop_on_failure:
-            break
-    measured = [r for r in runs if "training_speedup" in r]
-    result = {
-        "ok": not errors,
-        "error": "; ".join(errors) or None,
-        "runs": runs,
-        "budget": budget,
-        "loss_matches": all(r.get("loss_matches", False) for r in runs),
-    }
-    if measured:
-        result.update(
-            training_speedup=_geomean(r["training_speedup"] for r in measured),
-            memory_ratio=_geomean(r["memory_ratio"] for r in measured),
-            memory_reduction=1.0 - 1.0 / _geomean(r["memory_ratio"] for r in measured),
-            loss_rel_diff=max(r["loss_rel_diff"] for r in measured),
-        )
-    return result
-
-
-def score_inputs(result):
-    """[(training_speedup, memory_ratio)] per run, for kernel_lab.score.macro_score."""
-    return [(r["training_speedup"], r["memory_ratio"]) for r in result["runs"]
-            if "training_speedup" in r]
-
-
-def format_runs(result):
-    """A readable table of run_macro's result: one line a model and fine-tune type."""
-    lines = [f"{'model':26s} {'type':5s} {'speedup':>8s} {'memory':>7s} {'loss diff':>9s}  status"]
-    for run in result["runs"]:
-        if "training_speedup" in run:
-            lines.append(f"{run['model']:26s} {run['fine_tune_type']:5s} {run['training_speedup']:8.3f} "
-                         f"{run['memory_ratio']:7.3f} {run['loss_rel_diff']:9.2e}  "
-                         f"{'ok' if run['ok'] else 'LOSS MISMATCH'}")
-        else:
-            lines.append(f"{run['model']:26s} {run['fine_tune_type']:5s} FAILED: {run.get('error')}")
-    budget = result.get("budget", {})
-    lines.append(f"speedup: tokens/s candidate / stock mlx-lm; memory: stock peak / candidate peak; "
-                 f"budget {budget.get('name', '?')}: {budget.get('iters')} iters of "
-                 f"{budget.get('batch_size')}x{budget.get('max_seq_length')} tokens, "
-                 f"{budget.get('trials')} trial(s)")
-    return "\n".join(lines)
-
-
-def main(argv=None):
-    """python -m kernel_lab.macrobench PROGRAM [--budget cpu|gpu] [--model M ...] [--json out.json]"""
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description="Stage 3: stock vs a program's kernels in "
-                                     "real mlx-lm LoRA/DoRA fine-tuning.")
-    parser.add_argument("program", help="a program file (e.g. initial_program.py)")
-    parser.add_argument("--budget", choices=sorted(BUDGETS), default=None,
-                        help="cpu (CI-sized) or gpu (real); default by MLX's device")
-    parser.add_argument("--model", action="append", dest="models",
-                        help="model spec or path (repeatable); default every offline model")
-    parser.add_argument("--fine-tune-type", action="append", dest="ftts",
-                        choices=["lora", "dora"], help="default both")
-    parser.add_argument("--iters", type=int)
-    parser.add_argument("--trials", type=int)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="write the full result here")
-    args = parser.parse_args(argv)
-    result = run_macro(args.program, models=args.models, fine_tune_types=args.ftts or ("lora", "dora"),
-                       budget=args.budget, seed=args.seed, iters=args.iters, trials=args.trials)
-    print(format_runs(result))
-    if result["error"]:
-        print("error:", result["error"])
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
-    return 0 if result["ok"] else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

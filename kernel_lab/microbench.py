@@ -102,8 +102,8 @@ def start(role, programs, dtype=None):
 
 
 def cases(names=None):
-    """{kernel: {"cases": [bench case, ...], "names": [compared results], "limits": [their limits]}}
-    on this device (kernel_lab.bench_cases); limits are 2x correctness.tolerance in this dtype."""
+    """{kernel: {"cases": [bench case, ...], "names": [compared results], "limits": [[per result] per
+    case]}} on this device (kernel_lab.bench_cases); limits are 2x correctness.tolerance of the case."""
     from kernel_lab import correctness
     from kernel_lab.bench_cases import bench_cases
 
@@ -114,8 +114,9 @@ def cases(names=None):
         found[kernel] = {
             "cases": kernel_cases,
             "names": ["output"] + [f"gradient of {correctness.ARG_NAMES[kernel][i]}" for i in grad_argnums],
-            "limits": [TOLERANCE_FACTOR * correctness.tolerance(kernel, _DTYPE, "forward")]
-            + [TOLERANCE_FACTOR * correctness.tolerance(kernel, _DTYPE, "grad")] * len(grad_argnums)}
+            "limits": [[TOLERANCE_FACTOR * correctness.tolerance(kernel, _DTYPE, "forward", case)]
+                       + [TOLERANCE_FACTOR * correctness.tolerance(kernel, _DTYPE, "grad", case)] * len(grad_argnums)
+                       for case in kernel_cases]}
     return found
 
 

@@ -38,9 +38,10 @@ IDLE_CPU_SECONDS, IDLE_CPU_SHARE = 0.1, 0.2  # CPU a waiting candidate worker ma
 MIN_PEAK_BYTES = 1024  # floor for memory ratios (a peak can be ~0 for an in-place-ish kernel)
 # Calls of a kernel inside one compiled graph, on its first case at 1x8 tokens (checked against stock
 # each): about what one layer-by-layer training trace makes (SmolLM2: 61 RMSNorms, 60 RoPEs, 30
-# SwiGLUs, 7 adapted linears x 30 layers, one loss), so a kernel that counts its calls is caught.
-GRAPH_CALLS = {"rms_norm": 64, "rope": 64, "swiglu": 32, "cross_entropy": 4, "linear_cross_entropy": 4,
-               "lora_linear": 64, "dora_linear": 64}
+# attentions and SwiGLUs, 7 adapted linears x 30 layers, one loss), so a kernel that counts its
+# calls is caught.
+GRAPH_CALLS = {"rms_norm": 64, "rope": 64, "attention": 32, "swiglu": 32, "cross_entropy": 4,
+               "linear_cross_entropy": 4, "lora_linear": 64, "dora_linear": 64}
 # glibc malloc (MLX's CPU allocator): keep freed memory instead of unmapping or trimming it, so that
 # a timed call does not pay page faults that depend on what ran before it. Measured on the 2-core
 # CPU: the same stock rms_norm took 23 ms alone and 18 ms beside another kernel without these, 13-16
@@ -160,8 +161,9 @@ def _cross_check(side, ref_rows, rows, spec, step_ids, kernel, case_name):
 def _bench_case(sides, kernel, case, spec, options, deadline, log):
     """Warm up, then time rounds until enough samples; one row of per-side medians."""
     where = f"{kernel} on {case['name']}"
-    checks = {"names": spec["names"], "limits": spec["limits"]}
-    graph_calls = GRAPH_CALLS.get(kernel, 8) if case is spec["cases"][0] else 0
+    index = next(i for i, c in enumerate(spec["cases"]) if c is case)
+    checks = {"names": spec["names"], "limits": spec["limits"][index]}
+    graph_calls = GRAPH_CALLS.get(kernel, 8) if index == 0 else 0
     preps = _call_all(sides, "prepare", lambda s: {"kernel": kernel, "case": case, **checks,
                                                     "graph_calls": graph_calls if s.role == "candidate" else 0,
                                                     "seeds": [_seed() for _ in range(options["warmup"])]},
@@ -192,7 +194,7 @@ def _bench_case(sides, kernel, case, spec, options, deadline, log):
                     samples[label]["ms"].append(row[label]["ms"])
                     samples[label]["peak"].append(row[label]["peak"])
         for side, prep in zip(sides[1:], preps[1:]):
-            _cross_check(side, results[sides[0].name], results[side.name], spec, prep["step_ids"], kernel,
+            _cross_check(side, results[sides[0].name], results[side.name], checks, prep["step_ids"], kernel,
                          case["name"])
         count += len(seeds)
         turn += 1

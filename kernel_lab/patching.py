@@ -6,11 +6,12 @@ subclass whose `__call__` routes through the kernel, so adapters trained on a
 patched model load in plain mlx-lm, and `restore_stock` swaps the classes back.
 
 Two ways of routing:
-- RMSNorm, RoPE and SwiGLU modules run their own, unchanged `__call__` code with
-  its globals rebound: `mx.fast.rms_norm` / `mx.fast.rope` / `swiglu` resolve to
-  the kernel. This covers every family (nn.RMSNorm, Gemma's `1 + weight` norm,
-  nn.RoPE and all of mlx-lm's `freqs` RoPE variants, each family's MLP) without
-  copying any of them, and whatever else that code does stays exactly as is.
+- RMSNorm, RoPE, attention and SwiGLU modules run their own, unchanged `__call__`
+  code with its globals rebound: `mx.fast.rms_norm` / `mx.fast.rope` /
+  `scaled_dot_product_attention` / `swiglu` resolve to the kernel. This covers every
+  family (nn.RMSNorm, Gemma's `1 + weight` norm, nn.RoPE and all of mlx-lm's `freqs`
+  RoPE variants, each family's attention and MLP) without copying any of them, and
+  whatever else that code does stays exactly as is.
 - LoRA / DoRA linears get an explicit `__call__` that calls `lora_linear` /
   `dora_linear` with the module's tensors.
 The training loss is returned as a function for `mlx_lm.tuner.trainer.train(loss=...)`.
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 
-KINDS = ("rms_norm", "rope", "swiglu", "lora_linear", "dora_linear", "loss")
+KINDS = ("rms_norm", "rope", "attention", "swiglu", "lora_linear", "dora_linear", "loss")
 
 
 class PatchError(ValueError):
@@ -139,6 +140,20 @@ def _kernel_rope(kernels):
     return rope
 
 
+def _kernel_attention(kernels, stock_sdpa):
+    """mlx-lm's `scaled_dot_product_attention(q, k, v, cache, scale, mask, sinks)` through the
+    kernel; a quantized KV cache or attention sinks (generation, gpt-oss) stay with mlx-lm's."""
+
+    def scaled_dot_product_attention(queries, keys, values, cache=None, scale=1.0, mask=None,
+                                     sinks=None):
+        if sinks is not None or hasattr(cache, "bits"):
+            return stock_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask,
+                              sinks=sinks)
+        return kernels.attention(queries, keys, values, scale=scale, mask=mask)
+
+    return scaled_dot_product_attention
+
+
 _WEIGHTLESS_NORM = re.compile(r"rms_norm\(\s*[^,()]+,\s*(weight\s*=\s*)?None\b")
 
 
@@ -157,6 +172,8 @@ def _classify(module):
         return "rms_norm", ""
     if "mx.fast.rope(" in src:
         return "rope", ""
+    if "scaled_dot_product_attention" in names:
+        return "attention", ""
     if "swiglu" in names:
         return "swiglu", ""
     name = cls.__name__
@@ -276,6 +293,10 @@ def _call_for(kind, cls, kernels):
     if kind == "rope":
         fast = _FastProxy({"rope": _kernel_rope(kernels)})
         return _rebind(cls.__call__, mx=_MxProxy(fast))
+    if kind == "attention":
+        stock_sdpa = cls.__call__.__globals__["scaled_dot_product_attention"]
+        return _rebind(cls.__call__,
+                       scaled_dot_product_attention=_kernel_attention(kernels, stock_sdpa))
     if kind == "swiglu":
         return _rebind(cls.__call__, swiglu=kernels.swiglu)
     raise AssertionError(kind)
@@ -408,7 +429,7 @@ def apply_kernels(model, kernels, *, loss=True):
             report.patched[kind] += 1
             continue
         kind, why = _classify(module)
-        if kind is None:
+        if kind is None or not callable(getattr(kernels, kind, None)):
             continue
         if why:
             report.stock.append((path, kind, why))

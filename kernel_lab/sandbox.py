@@ -193,8 +193,23 @@ def _signal_name(number):
         return f"signal {number}"
 
 
+def ptx_cache_dir():
+    """Where children keep MLX's compiled CUDA kernels: <cache_dir>/mlx-ptx/<mlx version>.
+
+    MLX's default, <tmp>/mlx/<version>/ptx, is lost with the temp dir; a cold cache costs minutes
+    of compiling. A MLX_PTX_CACHE_DIR set by the user wins."""
+    try:
+        from importlib.metadata import version
+
+        mlx_version = version("mlx")
+    except Exception:  # noqa: BLE001 - no metadata: one shared folder still works
+        mlx_version = "unknown"
+    return cache_dir() / "mlx-ptx" / mlx_version
+
+
 def _child_env(env):
     child_env = dict(os.environ)
+    child_env.setdefault("MLX_PTX_CACHE_DIR", str(ptx_cache_dir()))
     child_env.update(env or {})
     child_env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO_ROOT)] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p])

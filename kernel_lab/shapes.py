@@ -6,7 +6,13 @@ dimensions, "tokens" (batch, length), and optional adversarial switches:
   row_scales=True       rms_norm rows of magnitudes 1e-3 .. 1e3 plus an all-zero row
   logit_scale=S         cross-entropy logits of magnitude up to +-S
   offset=N              RoPE position offset (int, or an mx.array scalar when offset_array)
-make_inputs turns a case into fresh random arguments for a kernel.
+  mask=M                attention mask: "causal", None, "window" (a boolean sliding window of
+                        `window` keys, as Gemma 3's local layers) or "additive" (a float bias
+                        with the causal part at -1e4); key_length=Lk for queries shorter than
+                        the keys (a prefill after a cache); score_scale=S sharpens the scores
+and the contract's arguments: quantized / bits (default 4) / group_size of a base or lm_head,
+rank / scale / bias of LoRA and DoRA; large=True marks a case checked against stock in float32
+(kernel_lab.cases). make_inputs turns a case into fresh random arguments for a kernel.
 """
 
 import math
@@ -67,104 +73,11 @@ def _case(kernel, model, role, tokens, **fields):
     return dict(name=name, kernel=kernel, model=model, tokens=tuple(tokens), **fields)
 
 
-def _rms_norm_cases(tokens):
-    s, q, t = MODEL_CONFIGS["smollm2-135m"], MODEL_CONFIGS["qwen3-0.6b"], MODEL_CONFIGS["qwen2.5-0.5b"]
-    return [
-        _case("rms_norm", "smollm2-135m", "input_layernorm", tokens, dim=s["hidden"], eps=s["rms_eps"]),
-        _case("rms_norm", "qwen3-0.6b", "q_norm", tokens, dim=q["head_dim"], eps=q["rms_eps"],
-              heads=q["heads"]),
-        _case("rms_norm", "qwen2.5-0.5b", "norm/row-scales", tokens, dim=t["hidden"],
-              eps=t["rms_eps"], row_scales=True),
-        _case("rms_norm", "smollm2-135m", "norm/transposed", tokens, dim=s["hidden"],
-              eps=s["rms_eps"], layout="transposed"),
-    ]
+def correctness_cases(kernel, shape_set="default", seed=None):
+    """Cases for the correctness check (stage 1); see kernel_lab.cases."""
+    from .cases import correctness_cases as cases  # imports this module: import it lazily
 
-
-def _rope_cases(tokens, long_offset=4096 + 17):
-    def rope(model, role, **kw):
-        c = MODEL_CONFIGS[model]
-        fields = dict(heads=c["heads"], head_dim=c["head_dim"], dims=c["head_dim"],
-                      traditional=c["rope_traditional"], base=c["rope_theta"], scale=1.0, offset=0)
-        fields.update(kw)
-        return _case("rope", model, role, tokens, **fields)
-
-    return [
-        rope("smollm2-135m", "q"),
-        rope("qwen3-0.6b", "k/offset", heads=MODEL_CONFIGS["qwen3-0.6b"]["kv_heads"], offset=37),
-        rope("llama-3.2-1b", "q/llama3-freqs/offset-array", freqs="llama3", base=None,
-             offset=long_offset, offset_array=True),
-        rope("tinyllama-1.1b", "q/traditional/large-offset", traditional=True, offset=long_offset,
-             scale=0.5),
-        rope("phi-3.5-mini", "q/partial-rotary", dims=48),
-    ]
-
-
-def _swiglu_cases(tokens):
-    return [
-        _case("swiglu", "smollm2-135m", "mlp", tokens, dim=MODEL_CONFIGS["smollm2-135m"]["intermediate"]),
-        _case("swiglu", "qwen2.5-0.5b", "mlp/transposed", tokens,
-              dim=MODEL_CONFIGS["qwen2.5-0.5b"]["intermediate"], layout="transposed"),
-    ]
-
-
-def _ce_cases(tokens, small_tokens):
-    return [
-        _case("cross_entropy", "smollm2-135m", "lm_head", tokens, vocab=MODEL_CONFIGS["smollm2-135m"]["vocab"]),
-        _case("cross_entropy", "tinyllama-1.1b", "lm_head/large-logits", small_tokens,
-              vocab=MODEL_CONFIGS["tinyllama-1.1b"]["vocab"], logit_scale="max"),
-        _case("cross_entropy", "smollm2-135m", "lm_head/transposed", small_tokens, vocab=4096,
-              layout="transposed"),
-    ]
-
-
-def _lce_cases(tokens, vocab_cap):
-    s, t = MODEL_CONFIGS["smollm2-135m"], MODEL_CONFIGS["tinyllama-1.1b"]
-    def vocab_role(role, vocab, cap):  # the name says when the vocabulary is cut
-        return (role, vocab) if vocab <= cap else (f"{role}/vocab{cap}", cap)
-
-    role_q, vocab_q = vocab_role("tied-embedding/q4", s["vocab"], vocab_cap)
-    role_d, vocab_d = vocab_role("lm_head/dense", t["vocab"], vocab_cap // 4)
-    return [
-        _case("linear_cross_entropy", "smollm2-135m", role_q, tokens, hidden=s["hidden"],
-              vocab=vocab_q, quantized=True, group_size=GROUP_SIZE),
-        _case("linear_cross_entropy", "tinyllama-1.1b", role_d, tokens, hidden=t["hidden"],
-              vocab=vocab_d, quantized=False),
-    ]
-
-
-def _adapter_cases(kernel, tokens):
-    s, q = MODEL_CONFIGS["smollm2-135m"], MODEL_CONFIGS["qwen2.5-0.5b"]
-    common = dict(rank=LORA_RANK, scale=LORA_SCALE)
-    return [
-        _case(kernel, "smollm2-135m", "q_proj/q4", tokens, in_dim=s["hidden"],
-              out_dim=s["heads"] * s["head_dim"], quantized=True, group_size=GROUP_SIZE, **common),
-        _case(kernel, "qwen2.5-0.5b", "k_proj/q4-g32/bias", tokens, in_dim=q["hidden"],
-              out_dim=q["kv_heads"] * q["head_dim"], quantized=True, group_size=32, bias=True, **common),
-        _case(kernel, "smollm2-135m", "down_proj/dense/transposed", tokens, in_dim=s["intermediate"],
-              out_dim=s["hidden"], quantized=False, layout="transposed", **common),
-    ]
-
-
-def correctness_cases(kernel, shape_set="default"):
-    """Cases for the correctness check: "default" (few tokens, seconds on a CPU) or "full"."""
-    if shape_set == "default":
-        tokens, small, vocab_cap = (1, 8), (1, 4), 4096
-    elif shape_set == "full":
-        tokens, small, vocab_cap = (2, 64), (1, 16), 1 << 30
-    else:
-        raise ValueError(f"unknown shape_set {shape_set!r}; use 'default' or 'full'")
-    table = {
-        "rms_norm": lambda: _rms_norm_cases(tokens),
-        "rope": lambda: _rope_cases(tokens),
-        "swiglu": lambda: _swiglu_cases(tokens),
-        "cross_entropy": lambda: _ce_cases(tokens, small),
-        "linear_cross_entropy": lambda: _lce_cases(small, vocab_cap),
-        "lora_linear": lambda: _adapter_cases("lora_linear", tokens),
-        "dora_linear": lambda: _adapter_cases("dora_linear", tokens),
-    }
-    if kernel not in table:
-        raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(table)}")
-    return table[kernel]()
+    return cases(kernel, shape_set, seed)
 
 
 def bench_cases(kernel):
@@ -177,34 +90,47 @@ def bench_cases(kernel):
 # --------------------------------------------------------------------------- inputs
 
 class _Keys:
-    """A deterministic stream of PRNG keys from one seed."""
+    """A deterministic stream of PRNG keys from one seed, and draws of mean 0 and std 1:
+    normal, or uniform on +-sqrt(3) when `fast` (4x cheaper on a CPU: large cases)."""
 
-    def __init__(self, seed):
-        self.key = mx.random.key(seed)
+    def __init__(self, seed, fast=False):
+        self.key, self.fast = mx.random.key(seed), fast
 
     def __call__(self):
         self.key, sub = mx.random.split(self.key)
         return sub
+
+    def normal(self, shape):
+        if self.fast:
+            return mx.random.uniform(-3 ** 0.5, 3 ** 0.5, shape, key=self())
+        return mx.random.normal(shape, key=self())
 
 
 def _activation(keys, shape, dtype, layout=None, scale=1.0):
     """Normal(0, scale) values; a transposed (non-contiguous) view when layout says so."""
     if layout == "transposed":
         flipped = shape[:-2] + (shape[-1], shape[-2])
-        return (mx.random.normal(flipped, key=keys()) * scale).astype(dtype).swapaxes(-1, -2)
+        return (keys.normal(flipped) * scale).astype(dtype).swapaxes(-1, -2)
     if layout is not None:
         raise ValueError(f"unknown layout {layout!r}")
-    return (mx.random.normal(shape, key=keys()) * scale).astype(dtype)
+    return (keys.normal(shape) * scale).astype(dtype)
 
 
 def _base_weight(keys, case, dtype):
-    """(weight, scales, biases, group_size, bits) of a 4-bit or dense base layer."""
+    """(weight, scales, biases, group_size, bits) of a quantized (case bits, default 4) or dense
+    base of std ~1/sqrt(in). Quantized: random codes (every packed bit pattern is valid) and
+    per-group scales of 0.5-1.5x, biases centring each group; cheaper than quantizing floats."""
     out_dim, in_dim = case.get("out_dim", case.get("vocab")), case.get("in_dim", case.get("hidden"))
-    dense = mx.random.normal((out_dim, in_dim), key=keys()) * in_dim ** -0.5
     if not case.get("quantized"):
-        return dense.astype(dtype), None, None, None, None
-    weight, scales, biases = mx.quantize(dense, group_size=case["group_size"], bits=BITS)
-    return weight, scales.astype(dtype), biases.astype(dtype), case["group_size"], BITS
+        return (keys.normal((out_dim, in_dim)) * in_dim ** -0.5).astype(dtype), None, None, None, None
+    bits, group_size = case.get("bits", BITS), case["group_size"]
+    halves = mx.random.randint(0, 1 << 16, (out_dim, in_dim * bits // 32, 2), dtype=mx.uint32, key=keys())
+    weight = mx.left_shift(halves[..., 0], 16) | halves[..., 1]
+    levels = (1 << bits) - 1
+    spread = mx.random.uniform(0.5, 1.5, (out_dim, in_dim // group_size), key=keys())
+    scales = spread * (2 * 3 ** 0.5 / levels) * in_dim ** -0.5  # uniform codes: std in^-1/2
+    biases = -scales * (levels / 2)
+    return weight, scales.astype(dtype), biases.astype(dtype), group_size, bits
 
 
 def make_inputs(kernel, case, dtype, seed):
@@ -217,7 +143,7 @@ def make_inputs(kernel, case, dtype, seed):
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if case["kernel"] != kernel:
         raise ValueError(f"case {case['name']!r} is for {case['kernel']}, not {kernel}")
-    keys = _Keys(seed)
+    keys = _Keys(seed, fast=bool(case.get("large")))
     batch, length = case["tokens"]
     layout = case.get("layout")
 
@@ -229,12 +155,12 @@ def make_inputs(kernel, case, dtype, seed):
             magnitudes = 10.0 ** mx.linspace(-3, 3, rows)  # 1e-3 .. 1e3 (x^2 overflows float16)
             magnitudes = mx.where(mx.arange(rows) == rows // 2, 0.0, magnitudes)  # one zero row
             x = (x.astype(mx.float32) * magnitudes.reshape(lead + (1,))).astype(dtype)
-        weight = (1.0 + 0.1 * mx.random.normal((case["dim"],), key=keys())).astype(dtype)
+        weight = (1.0 + 0.1 * keys.normal((case["dim"],))).astype(dtype)
         return [x, weight, case["eps"]], {}, (0, 1)
 
     if kernel == "rope":
         # mlx-lm's attention: (B, L, H, D) projections transposed to (B, H, L, D) views.
-        x = mx.random.normal((batch, length, case["heads"], case["head_dim"]), key=keys())
+        x = keys.normal((batch, length, case["heads"], case["head_dim"]))
         x = x.astype(dtype).transpose(0, 2, 1, 3)
         freqs = None
         if case.get("freqs") == "llama3":
@@ -244,6 +170,9 @@ def make_inputs(kernel, case, dtype, seed):
         kwargs = dict(traditional=case["traditional"], base=case["base"], scale=case["scale"],
                       offset=offset, freqs=freqs)
         return [x, case["dims"]], kwargs, (0,)
+
+    if kernel == "attention":
+        return _attention_inputs(keys, case, dtype, batch, length)
 
     if kernel == "swiglu":
         shape = (batch, length, case["dim"])
@@ -276,9 +205,11 @@ def make_inputs(kernel, case, dtype, seed):
         weight, scales, biases, group_size, bits = _base_weight(keys, case, dtype)
         bound = in_dim ** -0.5  # mlx-lm's lora_a init: uniform(-1/sqrt(in), 1/sqrt(in))
         lora_a = mx.random.uniform(-bound, bound, (in_dim, rank), key=keys())
-        # Non-zero lora_b (mlx-lm starts at zero) so that every gradient is non-trivial.
-        lora_b = mx.random.normal((rank, out_dim), key=keys()) * (0.5 / (LORA_SCALE * rank ** 0.5))
-        bias = (0.1 * mx.random.normal((out_dim,), key=keys())).astype(dtype) if case.get("bias") else None
+        # Non-zero lora_b (mlx-lm starts at zero) so that every gradient is non-trivial, sized so
+        # that scale * (x @ a) @ b is ~0.6x the base output whatever the scale and rank (a kernel
+        # that drops or mis-scales the update, or leaves it out of DoRA's norm, is far off).
+        lora_b = keys.normal((rank, out_dim)) * (1.0 / (case["scale"] * rank ** 0.5))
+        bias = (0.1 * keys.normal((out_dim,))).astype(dtype) if case.get("bias") else None
         kwargs = dict(group_size=group_size, bits=bits, bias=bias)
         args = [x, weight, scales, biases, lora_a, lora_b, case["scale"]]
         if kernel == "lora_linear":
@@ -287,10 +218,33 @@ def make_inputs(kernel, case, dtype, seed):
         base = weight if scales is None else mx.dequantize(weight, scales, biases, group_size=group_size,
                                                            bits=bits)
         magnitude = mx.linalg.norm(base.astype(mx.float32), axis=1)
-        magnitude = magnitude * (1.0 + 0.1 * mx.random.normal((out_dim,), key=keys()))
+        magnitude = magnitude * (1.0 + 0.1 * keys.normal((out_dim,)))
         return args + [magnitude], kwargs, (0, 4, 5, 7)
 
     raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def _attention_inputs(keys, case, dtype, batch, length):
+    """mlx-lm's attention inputs: (B, L, heads, D) projections seen as (B, heads, L, D) views."""
+    heads, kv_heads, dim = case["heads"], case["kv_heads"], case["head_dim"]
+    key_length = case.get("key_length", length)
+
+    def heads_view(n, rows, scale=1.0):
+        return (keys.normal((batch, rows, n, dim)) * scale).astype(dtype).transpose(0, 2, 1, 3)
+
+    queries = heads_view(heads, length, case.get("score_scale", 1.0))
+    k, v = heads_view(kv_heads, key_length), heads_view(kv_heads, key_length)
+    mask = case.get("mask")
+    if mask in ("window", "additive"):
+        rows = mx.arange(key_length - length, key_length)[:, None]
+        cols = mx.arange(key_length)[None]
+        visible = rows >= cols
+        if mask == "window":
+            mask = visible & (rows < cols + case["window"])
+        else:  # a position bias on top of the causal mask, in the activations' dtype
+            bias = 0.5 * keys.normal((1, heads, length, key_length))
+            mask = mx.where(visible, bias, -1e4).astype(dtype)
+    return [queries, k, v], dict(scale=dim ** -0.5, mask=mask), (0, 1, 2)
 
 
 def vjp_at(fn, args, kwargs, grad_argnums, cotangent):

@@ -1,10 +1,12 @@
 """One LoRA / DoRA fine-tuning run with mlx-lm's own trainer, stock or with a program's kernels.
 
-`train_once(...)` loads a model, converts its last `num_layers` blocks with
-`mlx_lm.tuner.utils.linear_to_lora_layers` (as `mlx_lm.lora` does), optionally
-patches in a program's kernels, and trains with `mlx_lm.tuner.trainer.train`
-(its compiled step; the patched loss is passed as `loss=`). It returns a plain
-dict, so it also runs as a sandbox target (`kernel_lab.training:train_once`).
+`run_training(model, ...)` trains an already converted model (`convert_to_lora`, as
+`mlx_lm.lora` does with `linear_to_lora_layers`; `remove_lora` undoes it) with
+`mlx_lm.tuner.trainer.train` (its compiled step; a program's kernels are patched in and
+its loss passed as `loss=`), on mlx-lm's batches or on any iterator of batches, calling
+`on_report` at every report (stage 3's workers pause there: `kernel_lab.trainworker`).
+`train_once(...)` loads a model first; both return plain dicts. The finetune command
+(`kernel_lab.finetune`) uses run_training too.
 
 Recorded per run: the loss at every report, the final loss, tokens/s as mlx-lm
 counts it (tokens of a report window / that window's step time), a steady rate
@@ -15,21 +17,20 @@ that first goes non-finite when a replay finds it), "oom" or "error" (with
 the kernel and module whose code raised, when it is a patched one).
 """
 
-import json
 import math
 import re
 import tempfile
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from .patching import apply_kernels, patched_modules, restore_stock
+from .diagnose import diagnose_nan, explain_error
+from .patching import apply_kernels, restore_stock
 
 LORA_SCALE = 20.0  # mlx_lm.lora's default lora_parameters
 DEFAULT_DATA_CHARS = 1500
@@ -77,15 +78,56 @@ def convert_to_lora(model, *, fine_tune_type="lora", num_layers=2, rank=8, scale
         model, num_layers, {"rank": rank, "scale": scale, "dropout": dropout},
         use_dora=fine_tune_type == "dora",
     )
+    fix_dora_input_dims(model)
     return model
+
+
+def fix_dora_input_dims(model):
+    """Give DoRA layers over 3/5/6-bit bases an lora_a of the base's real input size.
+
+    mlx-lm 0.32's DoRALinear.from_base takes input_dims *= 32 // bits, right only when bits
+    divides 32 (its LoRALinear has the fix, dims * 32 // bits): a 5-bit layer of 896 inputs gets
+    an (840, r) lora_a and the first forward fails, in plain mlx-lm too. Re-drawn like mlx-lm
+    draws it (uniform +-1/sqrt(input_dims)); returns how many layers were fixed."""
+    from mlx_lm.tuner.dora import DoRALinear
+
+    fixed = 0
+    for _, module in model.named_modules():
+        if not isinstance(module, DoRALinear) or not isinstance(module.linear, nn.QuantizedLinear):
+            continue
+        linear = module.linear
+        input_dims = linear.weight.shape[1] * 32 // linear.bits
+        if module.lora_a.shape[0] != input_dims:
+            bound = 1 / math.sqrt(input_dims)
+            module.lora_a = mx.random.uniform(-bound, bound, (input_dims, module.lora_a.shape[1]))
+            fixed += 1
+    return fixed
+
+
+def remove_lora(model):
+    """Undo `convert_to_lora`: every LoRA / DoRA layer (patched or not) back to its base linear.
+
+    The base layers are the very objects that were wrapped, so the model is as loaded
+    (still frozen) and can be converted again without reloading it."""
+    from mlx.utils import tree_unflatten
+    from mlx_lm.tuner.dora import DoRALinear
+    from mlx_lm.tuner.lora import LoRALinear
+
+    restore_stock(model)
+    bases = [(path, m.linear) for path, m in model.named_modules()
+             if isinstance(m, (LoRALinear, DoRALinear))]
+    if bases:
+        model.update_modules(tree_unflatten(bases))
+    return len(bases)
 
 
 class _Recorder:
     """mlx-lm TrainingCallback: keeps every report, stops on a non-finite loss, and
     snapshots the trainable state at each window start so a NaN can be replayed."""
 
-    def __init__(self, model, optimizer, keep_snapshots):
+    def __init__(self, model, optimizer, keep_snapshots, on_report=None):
         self.model, self.optimizer, self.keep = model, optimizer, keep_snapshots
+        self.on_report = on_report
         self.reports, self.val = [], []
         self.step = 0  # batches handed to the trainer so far
         self.window = []  # (step, batch) since the last report
@@ -116,6 +158,8 @@ class _Recorder:
         if self.keep:
             self.window = []
             self.snapshot = self._snapshot()
+        if self.on_report is not None:
+            self.on_report(info)
 
     def on_val_loss_report(self, info):
         self.val.append({k: (v.item() if hasattr(v, "item") else v) for k, v in info.items()})
@@ -137,136 +181,19 @@ def steady_tokens_per_second(reports):
     return (sum(n for n, _ in used) / seconds if seconds else 0.0), len(used) != len(windows)
 
 
-def _all_finite(tree):
-    return all(mx.all(mx.isfinite(v)).item() for _, v in tree_flatten(tree))
-
-
-def _probe_forward(model, kernels, batch):
-    """Run the patched loss eagerly with every kernel call recorded.
-
-    Returns ([(kernel, module path, output or None, stock output)], exception or None):
-    each call also runs kernel_lab.ops.STOCK on the same inputs, and the path is that
-    of the innermost patched module being called. The model is left patched as before.
-    """
-    from .contract import KERNEL_NAMES
-    from .ops import STOCK
-
-    records, stack = [], []
-
-    def checked(name):
-        def call(*args, **kwargs):
-            ref = getattr(STOCK, name)(*args, **kwargs)
-            where = stack[-1] if stack else "the training loss"
-            records.append([name, where, None, ref])
-            out = getattr(kernels, name)(*args, **kwargs)
-            records[-1][2] = out
-            return out
-
-        return call
-
-    probe_kernels = SimpleNamespace(**{n: checked(n) for n in KERNEL_NAMES})
-    loss_fn = apply_kernels(model, probe_kernels).loss_fn
-    for path, _, module in patched_modules(model):
-        cls = type(module)
-
-        def traced(self, *args, __cls=cls, __path=path, **kwargs):
-            stack.append(__path)
-            try:
-                return __cls.__call__(self, *args, **kwargs)
-            finally:
-                stack.pop()
-
-        module.__class__ = type(cls.__name__, (cls,), {"__call__": traced})
-    error = None
-    try:
-        loss, _ = loss_fn(model, *batch)
-        mx.eval(loss, [r[2] for r in records if r[2] is not None])
-    except Exception as e:  # the failure being diagnosed
-        error = e
-    finally:
-        apply_kernels(model, kernels, loss=False)  # also drops the tracing classes
-    return records, error
-
-
-def _first_nonfinite_kernel(model, kernels, batch):
-    """(kernel, path) of the first kernel call with a non-finite output in an eager forward."""
-    records, _ = _probe_forward(model, kernels, batch)
-    for name, path, out, _ in records:
-        if out is not None and not mx.all(mx.isfinite(out)).item():
-            return name, path
-    return None, None
-
-
-def _first_mismatch(model, kernels, batch):
-    """(kernel, path, what) of the first kernel call that raises or returns another shape than stock."""
-    records, _ = _probe_forward(model, kernels, batch)
-    for name, path, out, ref in records:
-        if out is None:
-            return name, path, "raised"
-        if out.shape != ref.shape:
-            return name, path, f"returned shape {tuple(out.shape)}, stock returns {tuple(ref.shape)}"
-    return None, None, None
-
-
-def diagnose_nan(model, optimizer, recorder, loss_fn, kernels):
-    """Replay the report window that went NaN, eagerly, and say where it starts.
-
-    Restores the trainable state from the window start, re-runs its steps one by
-    one to find the first with a non-finite loss or gradient, then names the first
-    patched module with a non-finite output; if the forward is finite, reverts one
-    kernel kind at a time to see whose backward produces it.
-    """
-    if recorder.snapshot is None or not recorder.window:
-        return "no replay data"
-    params, opt_state = recorder.snapshot
-    model.update(params)
-    optimizer.state = opt_state
-    value_and_grad = nn.value_and_grad(model, loss_fn)
-    for step, batch in recorder.window:
-        (loss, _), grads = value_and_grad(model, *batch)
-        if math.isfinite(loss.item()) and _all_finite(grads):
-            optimizer.update(model, grads)
-            mx.eval(model.parameters(), optimizer.state)
-            continue
-        where = f"step {step}"
-        if kernels is None:
-            return f"{where}: non-finite with stock mlx-lm (the training itself diverges)"
-        kind, path = _first_nonfinite_kernel(model, kernels, batch)
-        if kind is not None:
-            return f"{where}: first non-finite output from kernel {kind} at {path} (forward)"
-        for kind in ("rms_norm", "rope", "swiglu", "lora_linear", "dora_linear"):
-            if restore_stock(model, kinds={kind}) == 0:
-                continue
-            _, grads = value_and_grad(model, *batch)
-            finite = _all_finite(grads)
-            apply_kernels(model, kernels, loss=False)
-            if finite:
-                return f"{where}: non-finite gradients from the backward of kernel {kind}"
-        return f"{where}: non-finite gradients (the loss kernel's backward, or several kernels)"
-    return "the eager replay of the window stayed finite (not reproducible outside mx.compile)"
-
-
-def _blame(tb, model):
-    """(kind, path) of the innermost patched module on a traceback, else (None, None)."""
-    owners = {id(m): (kind, path) for path, kind, m in patched_modules(model)}
-    found = (None, None)
-    while tb is not None:
-        frame = tb.tb_frame
-        me = frame.f_locals.get("self")
-        if me is not None and id(me) in owners:
-            found = owners[id(me)]
-        elif frame.f_code.co_name == "loss" and frame.f_globals.get("__name__") == "kernel_lab.patching":
-            found = ("loss", "the training loss")
-        tb = tb.tb_next
-    return found
-
-
 def run_training(model, train_set, kernels=None, *, valid_set=None, iters=8, batch_size=1,
                  max_seq_length=32, learning_rate=1e-5, steps_per_report=2, steps_per_eval=None,
-                 val_batches=0, seed=0, adapter_file=None, save_every=None, diagnose=True):
-    """Train an already LoRA-converted model with mlx-lm's trainer; returns the run record."""
+                 val_batches=0, seed=0, adapter_file=None, save_every=None, diagnose=True,
+                 iterate_batches=None, on_report=None):
+    """Train an already LoRA-converted model with mlx-lm's trainer; returns the run record.
+
+    `iterate_batches` replaces mlx-lm's batch iterator (same signature); `on_report(info)` is
+    called at every report, after the loss was checked, outside mlx-lm's step timer."""
     import mlx.optimizers as optim
-    from mlx_lm.tuner.trainer import TrainingArgs, iterate_batches, train
+    from mlx_lm.tuner.trainer import TrainingArgs, train
+
+    if iterate_batches is None:
+        from mlx_lm.tuner.trainer import iterate_batches
 
     report = None
     loss = None
@@ -276,7 +203,7 @@ def run_training(model, train_set, kernels=None, *, valid_set=None, iters=8, bat
     np.random.seed(seed)  # iterate_batches shuffles with np.random
     mx.random.seed(seed)
     optimizer = optim.Adam(learning_rate=learning_rate)
-    recorder = _Recorder(model, optimizer, keep_snapshots=diagnose)
+    recorder = _Recorder(model, optimizer, keep_snapshots=diagnose, on_report=on_report)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArgs(
             batch_size=batch_size, iters=iters, val_batches=val_batches,
@@ -311,13 +238,7 @@ def run_training(model, train_set, kernels=None, *, valid_set=None, iters=8, bat
             if isinstance(e, MemoryError) or _OOM.search(str(e)):
                 record.update(ok=False, error_kind="oom", error=f"out of memory: {text}")
             else:
-                kind, path = _blame(e.__traceback__, model)
-                where = f" in kernel {kind} at {path}" if kind else ""
-                if kernels is not None and recorder.last_batch is not None:
-                    bad_kind, bad_path, what = _first_mismatch(model, kernels, recorder.last_batch)
-                    if bad_kind is not None:
-                        kind, path = bad_kind, bad_path
-                        where = f": kernel {kind} at {path} {what}"
+                kind, path, where = explain_error(e, model, kernels, recorder.last_batch)
                 record.update(ok=False, error_kind="error", kernel=kind, module=path,
                               error=f"training failed at step {max(recorder.step, 1)}{where}: {text}",
                               traceback=traceback.format_exc(limit=-8))
@@ -386,33 +307,4 @@ def train_once(model=None, program=None, *, fine_tune_type="lora", iters=8, batc
                         if mx.issubdtype(v.dtype, mx.floating)), None)),
         device=str(mx.default_device()),
     )
-    return record
-
-
-def model_family(model_spec):
-    """The mlx-lm model_type of a model spec (from its config.json), or None if unknown."""
-    try:
-        from .models import model_path
-
-        config = Path(model_path(model_spec)) / "config.json"
-        return json.loads(config.read_text()).get("model_type")
-    except Exception:  # unknown spec or no local copy: the real run will say why
-        return None
-
-
-def preflight(program, family="llama", *, fine_tune_type="lora", iters=2):
-    """Train a tiny random model of `family` for a few steps with the program's kernels.
-
-    Seconds instead of minutes: a program that breaks inside a model (a shape
-    mismatch, NaN) fails here with the same kernel / layer / step diagnosis.
-    Returns a run record (see run_training); families without a tiny config use llama's.
-    """
-    from .tiny_models import FAMILIES, random_token_dataset, tiny_model
-
-    kernels = resolve_kernels(program)
-    model = tiny_model(family if family in FAMILIES else "llama")
-    convert_to_lora(model, fine_tune_type=fine_tune_type, num_layers=len(model.layers), rank=4)
-    record = run_training(model, random_token_dataset(8, 40), kernels, iters=iters, batch_size=2,
-                          max_seq_length=64, learning_rate=1e-4, steps_per_report=1)
-    record["family"] = family
     return record

@@ -14,8 +14,9 @@ def test_config_loads_and_matches_the_evaluator():
     config = load_config(str(CONFIG))
     settings = evaluator.Settings()
     assert config.evaluator.cascade_evaluation
-    # stage 1 gives exactly STAGE1_PASS_SCORE to a correct program: the first gate is that score
-    assert config.evaluator.cascade_thresholds[0] == score.STAGE1_PASS_SCORE
+    # stage 1 gives exactly STAGE1_PASS_SCORE to a correct program: the first gate is that score;
+    # stage 2's score reaches STAGE3_FLOOR exactly at the micro gate: the second gate is that
+    assert config.evaluator.cascade_thresholds == [score.STAGE1_PASS_SCORE, score.STAGE3_FLOOR]
     # our own child-process limits must fire before openevolve's (which cannot stop a stage)
     for limit in (settings.stage1_timeout, settings.stage2_timeout + settings.lock_timeout,
                   settings.stage3_timeout):

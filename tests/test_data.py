@@ -122,3 +122,50 @@ def test_a_few_lora_steps_reduce_the_loss(tmp_path):
     losses = run["losses"]
     assert len(losses) == 6 and all(np.isfinite(losses))
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+# ---------------------------------------------------------------- fixed-shape batches (stage 3)
+
+
+def test_packed_batches_all_have_one_shape_and_train_on_every_target():
+    from mlx_lm.tuner.trainer import default_loss
+
+    from kernel_lab.tiny_models import random_token_dataset, tiny_model
+
+    dataset = random_token_dataset(8, 40)  # 8 examples of 36..40 tokens: 307 in all
+    batches = data.fixed_batches(dataset, batch_size=2, seq_len=31, count=7, seed=3)
+    assert len(batches) == 7 and {b.shape for b, _ in batches} == {(2, 32)}
+    assert all(b.dtype == np.int32 for b, _ in batches)
+    tokens, lengths = batches[0]
+    assert lengths.tolist() == [[0, 32], [0, 32]]
+    # mlx-lm's own loss masks nothing out: 2 x 31 targets
+    _, ntoks = default_loss(tiny_model("llama"), mx.array(tokens), mx.array(lengths))
+    assert ntoks.item() == 62
+    # the stream is the examples in a seeded order, concatenated, repeated past the end (448 > 307)
+    stream = np.concatenate([b.reshape(-1) for b, _ in batches])
+    order = np.random.default_rng(3).permutation(8)
+    expected = np.concatenate([dataset[i][0] for i in order])
+    assert len(expected) == 307
+    np.testing.assert_array_equal(stream[:307], expected)
+    np.testing.assert_array_equal(stream[307:], expected[:448 - 307])
+    again = data.fixed_batches(dataset, batch_size=2, seq_len=31, count=7, seed=3)
+    assert all((a == b).all() for (a, _), (b, _) in zip(batches, again))
+    other = data.fixed_batches(dataset, batch_size=2, seq_len=31, count=7, seed=4)
+    assert not all((a == b).all() for (a, _), (b, _) in zip(batches, other))
+
+
+def test_packing_tokenizes_only_what_it_needs_and_refuses_nonsense():
+    calls = []
+
+    class Lazy(list):
+        def __getitem__(self, i):
+            calls.append(i)
+            return super().__getitem__(i)
+
+    dataset = Lazy([([1] * 100, 0)] * 50)
+    data.packed_rows(dataset, rows=2, length=101)
+    assert len(calls) == 3  # 300 tokens cover 202
+    with pytest.raises(data.DataError, match="at least 1 row"):
+        data.packed_rows(dataset, rows=0, length=8)
+    with pytest.raises(data.DataError, match="no tokens"):
+        data.packed_rows([([], 0)], rows=1, length=8)

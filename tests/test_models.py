@@ -183,8 +183,9 @@ def test_unknown_spec_lists_the_known_models():
         assert name in str(info.value)
 
 
-def test_not_installed_model_names_the_fetch_command(monkeypatch):
+def test_not_installed_model_names_the_fetch_command(monkeypatch, tmp_path):
     monkeypatch.setattr(registry, "package_dir", lambda pip_name: None)
+    monkeypatch.setenv("KERNEL_LAB_CACHE", str(tmp_path))  # nothing converted there either
     with pytest.raises(ModelError, match=r"python -m kernel_lab.models fetch qwen2.5-coder-0.5b-q4"):
         registry.gguf_parts("qwen2.5-coder-0.5b-q4")
     assert available_offline() == []

@@ -1,6 +1,7 @@
 """The reference kernels: oracle semantics, stock faithfulness to mlx-lm, and both the
 stock kernels and initial_program.py against the oracle (forward and backward)."""
 
+import math
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,9 +27,13 @@ def max_diff(a, b):
         return mx.max(mx.abs(f64(a) - f64(b))).item()
 
 
-# A few shapes per kernel: the first and the last default case (the last is adversarial).
+def _small_cases(kernel):
+    return [c for c in shapes.correctness_cases(kernel) if not c.get("large")]
+
+
+# A few shapes per kernel: the first and the last small default case (the last is adversarial).
 FEW_CASES = [(k, c) for k in KERNEL_NAMES for c in {id(x): x for x in
-             (shapes.correctness_cases(k)[0], shapes.correctness_cases(k)[-1])}.values()]
+             (_small_cases(k)[0], _small_cases(k)[-1])}.values()]
 
 
 @pytest.mark.parametrize("impl", ["stock", "initial"])
@@ -89,15 +94,17 @@ def test_oracle_quantized_equals_oracle_on_dequantized_weight():
 
 
 def _adapter_inputs(kernel, dtype):
-    case = shapes.correctness_cases(kernel)[1]  # quantized, group 32, with bias
-    return shapes.make_inputs(kernel, case, dtype, seed=11)
+    case = shapes.correctness_cases(kernel)[1]  # canonical: 5-bit, group 32, with bias
+    assert case["bias"] and case["quantized"]
+    return case, shapes.make_inputs(kernel, case, dtype, seed=11)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_stock_lora_is_mlx_lm_lora_linear(dtype):
-    args, kwargs, _ = _adapter_inputs("lora_linear", dtype)
+    case, (args, kwargs, _) = _adapter_inputs("lora_linear", dtype)
     x, weight, scales, biases, lora_a, lora_b, scale = args
-    base = nn.QuantizedLinear(lora_a.shape[0], lora_b.shape[1], bias=True, group_size=32, bits=4)
+    base = nn.QuantizedLinear(lora_a.shape[0], lora_b.shape[1], bias=True, group_size=case["group_size"],
+                              bits=case["bits"])
     base.weight, base.scales, base.biases, base.bias = weight, scales, biases, kwargs["bias"]
     layer = LoRALinear.from_base(base, r=lora_a.shape[1], scale=scale)
     layer.lora_a, layer.lora_b = lora_a, lora_b
@@ -108,9 +115,10 @@ def test_stock_lora_is_mlx_lm_lora_linear(dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_stock_dora_is_mlx_lm_dora_linear(dtype):
-    args, kwargs, _ = _adapter_inputs("dora_linear", dtype)
+    case, (args, kwargs, _) = _adapter_inputs("dora_linear", dtype)
     x, weight, scales, biases, lora_a, lora_b, scale, magnitude = args
-    base = nn.QuantizedLinear(lora_a.shape[0], lora_b.shape[1], bias=True, group_size=32, bits=4)
+    base = nn.QuantizedLinear(lora_a.shape[0], lora_b.shape[1], bias=True, group_size=case["group_size"],
+                              bits=case["bits"])
     base.weight, base.scales, base.biases, base.bias = weight, scales, biases, kwargs["bias"]
     layer = DoRALinear.from_base(base, r=lora_a.shape[1], scale=scale)
     layer.lora_a, layer.lora_b, layer.m = lora_a, lora_b, magnitude
@@ -169,3 +177,49 @@ def test_cases_are_well_formed_and_bench_inputs_build():
         shapes.correctness_cases("rope", "huge")
     with pytest.raises(ValueError, match="unknown kernel"):
         shapes.correctness_cases("gelu")
+
+
+def test_every_evaluation_covers_every_contract_variant():
+    """Each seed's case set holds every bits / group size / rank / scale / bias value at least once."""
+    from kernel_lab import cases
+
+    combos = set()
+    for seed in range(20):
+        for kernel in ("lora_linear", "dora_linear"):
+            adapters = shapes.correctness_cases(kernel, seed=seed)
+            small_q = [c for c in adapters if c["quantized"] and not c.get("large")]
+            assert sorted(c["bits"] for c in small_q) == sorted(cases.BITS)
+            assert {c["group_size"] for c in small_q} == set(cases.GROUP_SIZES)
+            assert {c["rank"] for c in adapters} >= set(cases.RANKS)
+            assert {c["scale"] for c in adapters} >= set(cases.SCALES)
+            assert {c["bias"] for c in adapters} == {True, False}
+            assert any(not c["quantized"] for c in adapters)
+            combos.add(tuple((c["bits"], c["group_size"], c["rank"], c["scale"], c["bias"]) for c in small_q))
+        heads = [c for c in shapes.correctness_cases("linear_cross_entropy", seed=seed) if c.get("quantized")]
+        assert {c["bits"] for c in heads} == set(cases.HEAD_BITS)
+        assert {c["group_size"] for c in heads} == set(cases.GROUP_SIZES)
+    assert len(combos) >= 10  # the combinations change with the seed
+    canonical = shapes.correctness_cases("lora_linear")
+    assert canonical == shapes.correctness_cases("lora_linear", seed=None)
+
+
+def test_large_cases_cover_full_vocabularies_and_many_tokens():
+    lce = [c for c in shapes.correctness_cases("linear_cross_entropy") if c.get("large")]
+    ce = [c for c in shapes.correctness_cases("cross_entropy") if c.get("large")]
+    assert max(c["vocab"] for c in lce) == 262144  # Gemma 3's (every real vocabulary on a GPU)
+    assert {49152, 151936, 262144} <= {c["vocab"] for c in shapes.correctness_cases("cross_entropy")}
+    assert {151936, 262144} <= {c["vocab"] for c in ce}
+    assert max(math.prod(c["tokens"]) for c in lce) >= 1024  # past any chunk of <= 1023 rows
+    for kernel in KERNEL_NAMES:
+        assert any(c.get("large") for c in shapes.correctness_cases(kernel)), kernel
+
+
+def test_quantized_inputs_decode_to_the_intended_scale():
+    for bits in (4, 5, 8):
+        case = dict(kernel="lora_linear", name="t", tokens=(1, 2), in_dim=256, out_dim=512, rank=8,
+                    scale=2.0, quantized=True, bits=bits, group_size=64)
+        args, kwargs, _ = shapes.make_inputs("lora_linear", case, "float32", seed=bits)
+        w = mx.dequantize(args[1], args[2], args[3], group_size=64, bits=bits)
+        std = mx.sqrt(mx.mean(w * w)).item()
+        assert 0.8 * 256 ** -0.5 < std < 1.3 * 256 ** -0.5, (bits, std)
+        assert abs(mx.mean(w).item()) < 0.1 * std

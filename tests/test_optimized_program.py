@@ -1,9 +1,12 @@
 """The hand-optimized example program passes stage 1 on every code path it has.
 
 On the CPU it takes the quantized-matmul path and (for the small default vocabularies)
-the one-chunk loss; the chunked loss and the dequantize-and-dense path (its CUDA choice)
-are forced here so CI checks them against the float64 oracle too.
+the one-chunk loss; the chunked loss, the dequantize-and-dense base and the half-precision
+low-rank product (its CUDA choices) are forced here so CI checks them against the float64
+oracle too.
 """
+
+import mlx.core as mx
 
 from pathlib import Path
 
@@ -37,7 +40,10 @@ def test_chunked_linear_cross_entropy(dense):
     assert all(r["passed"] for r in results), format_table(results)
 
 
-def test_dense_base_path():
-    kernels = _kernels(_dense_base=lambda: True)
+@pytest.mark.parametrize("dense,half", [(True, False), (False, True), (True, True)],
+                         ids=["dense-base", "half-lora", "dense-base-half-lora"])
+def test_gpu_paths_of_the_adapters(dense, half):
+    kernels = _kernels(_dense_base=lambda: dense,
+                       _half_lora=lambda dtype: half and dtype != mx.float32)
     results = check_kernels(kernels, seed=SEED, names=["lora_linear", "dora_linear"])
     assert all(r["passed"] for r in results), format_table(results)

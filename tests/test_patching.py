@@ -54,11 +54,11 @@ def loss_and_grads(model, loss):
 # Expected patched counts per family on the 2-layer tiny configs (all layers LoRA'd: 7
 # linears a layer, phi3 has fused qkv and gate_up: 4).
 EXPECTED = {
-    "llama": dict(rms_norm=5, rope=2, swiglu=2, lora_linear=14),
-    "qwen2": dict(rms_norm=5, rope=2, swiglu=2, lora_linear=14),
-    "qwen3": dict(rms_norm=9, rope=2, swiglu=2, lora_linear=14),  # + q_norm, k_norm
-    "phi3": dict(rms_norm=5, rope=2, swiglu=2, lora_linear=8),
-    "gemma3_text": dict(rms_norm=13, rope=2, lora_linear=14),  # GeGLU MLP stays stock
+    "llama": dict(rms_norm=5, rope=2, attention=2, swiglu=2, lora_linear=14),
+    "qwen2": dict(rms_norm=5, rope=2, attention=2, swiglu=2, lora_linear=14),
+    "qwen3": dict(rms_norm=9, rope=2, attention=2, swiglu=2, lora_linear=14),  # + q_norm, k_norm
+    "phi3": dict(rms_norm=5, rope=2, attention=2, swiglu=2, lora_linear=8),
+    "gemma3_text": dict(rms_norm=13, rope=2, attention=2, lora_linear=14),  # GeGLU MLP stays stock
 }
 
 
@@ -157,3 +157,25 @@ def test_logit_postprocessing_falls_back_to_cross_entropy_on_logits():
 def test_rejects_non_models():
     with pytest.raises(PatchError, match="mlx-lm language model"):
         apply_kernels(nn.Linear(4, 4), STOCK)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_routes_through_the_kernel_and_matches_stock(family):
+    from kernel_lab.ops import attention
+
+    model = lora_model(family)
+    ref_loss, _, ref_grads = loss_and_grads(model, default_loss)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("mask") if isinstance(kwargs.get("mask"), str) else "array")
+        return attention.stock(*args, **kwargs)
+
+    report = apply_kernels(model, SimpleNamespace(**{**vars(STOCK), "attention": counted}))
+    assert report.patched["attention"] == len(model.layers), str(report)
+    loss, _, grads = loss_and_grads(model, report.loss_fn)
+    assert calls and abs(loss - ref_loss) < 1e-5
+    for name, g in ref_grads.items():
+        assert mx.allclose(grads[name], g, atol=1e-5), name
+    restore_stock(model)
+    assert not patched_modules(model)

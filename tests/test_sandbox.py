@@ -33,6 +33,15 @@ def test_env_is_passed_and_cwd_is_a_fresh_temp_dir_removed_afterwards():
     assert cwd != Path.cwd() and not cwd.exists()
 
 
+def test_children_keep_compiled_kernels_in_the_user_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERNEL_LAB_CACHE", str(tmp_path))
+    monkeypatch.delenv("MLX_PTX_CACHE_DIR", raising=False)
+    result = run("echo_env", name="MLX_PTX_CACHE_DIR")
+    assert result.value["value"].startswith(str(tmp_path / "mlx-ptx"))
+    mine = run("echo_env", name="MLX_PTX_CACHE_DIR", env={**ENV, "MLX_PTX_CACHE_DIR": "/mine"})
+    assert mine.value["value"] == "/mine"
+
+
 def test_relative_writes_land_in_the_given_cwd(tmp_path):
     result = run("write_relative", name="out.txt", cwd=str(tmp_path))
     assert Path(result.value) == tmp_path / "out.txt" and (tmp_path / "out.txt").exists()

@@ -1,17 +1,27 @@
-"""Training runs (mlx-lm's trainer) with patched kernels, failure diagnosis, and stage 3."""
+"""Training runs (mlx-lm's trainer) with patched kernels, failure diagnosis, the gradient check,
+and stage 3 on the real embedded model."""
 
 import math
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
 
-from kernel_lab.contract import KERNEL_NAMES
-from kernel_lab.macrobench import compare_pair, loss_rel_diff, resolve_budget, run_macro
+from kernel_lab.contract import KERNEL_NAMES, load_program
+from kernel_lab.data import fixed_batches
+from kernel_lab.gradcheck import COSINE_MIN, REL_ERR_MAX, check_gradients
+from kernel_lab.macrobench import loss_rel_diff
 from kernel_lab.ops import STOCK
-from kernel_lab.sandbox import TaskResult
+from kernel_lab.stage3 import format_runs, run_macro
 from kernel_lab.tiny_models import random_token_dataset, tiny_model
-from kernel_lab.training import convert_to_lora, run_training, steady_tokens_per_second, train_once
+from kernel_lab.training import convert_to_lora, remove_lora, run_training, steady_tokens_per_second
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "hostile"))
+import training as hostile  # noqa: E402  (tests/hostile/training.py)
 
 TINY = dict(iters=4, batch_size=2, max_seq_length=64, learning_rate=1e-3, steps_per_report=2)
 
@@ -96,90 +106,151 @@ def test_out_of_memory_is_reported_not_raised():
     assert "out of memory" in record["error"]
 
 
-# ---------------------------------------------------------------- stage 3 metrics
+# ---------------------------------------------------------------- LoRA on and off again
 
 
-def _fake_record(tps, peak, losses):
-    return {"ok": True, "tokens_per_second": tps, "peak_memory": peak, "losses": losses,
-            "patch_report_text": "report"}
+def test_remove_lora_gives_back_the_loaded_model():
+    model = tiny_model("qwen2")
+    loaded = dict(tree_flatten(model.parameters()))
+    for fine_tune_type in ("lora", "dora", "lora"):
+        convert_to_lora(model, fine_tune_type=fine_tune_type, num_layers=2, rank=4)
+        assert any(k.endswith("lora_a") for k, _ in tree_flatten(model.trainable_parameters()))
+        assert remove_lora(model) == 14
+        now = dict(tree_flatten(model.parameters()))
+        assert now.keys() == loaded.keys() and all(now[k] is loaded[k] for k in now)
+        assert not tree_flatten(model.trainable_parameters())
 
 
-def _fake_runner(stock, cand):
-    calls = []
-
-    def runner(target, kwargs, **_):
-        if target.endswith(":preflight"):
-            return TaskResult(ok=True, value={"ok": True, "losses": [1.0]})
-        side = "stock" if kwargs["program"] is None else "candidate"
-        calls.append(side)
-        return TaskResult(ok=True, value=dict((stock if side == "stock" else cand).pop(0)))
-
-    return runner, calls
+# ---------------------------------------------------------------- the gradient check
 
 
-def test_compare_pair_alternates_and_computes_ratios():
-    stock = [_fake_record(100, 1000, [2.0, 1.5]), _fake_record(110, 1000, [2.0, 1.5]),
-             _fake_record(90, 1000, [2.0, 1.5])]
-    cand = [_fake_record(150, 800, [2.0, 1.505]), _fake_record(99, 800, [2.0, 1.505]),
-            _fake_record(180, 800, [2.0, 1.505])]
-    runner, calls = _fake_runner(stock, cand)
-    budget = resolve_budget("cpu", trials=3)
-    entry = compare_pair("m", "lora", "/p.py", budget, runner=runner)
-    assert calls == ["stock", "candidate", "candidate", "stock", "stock", "candidate"]
-    assert entry["ok"] and entry["loss_matches"]
-    assert entry["training_speedup"] == pytest.approx(1.5)  # median of 1.5, 0.9, 2.0
-    assert entry["memory_ratio"] == pytest.approx(1.25)
-    assert entry["memory_reduction"] == pytest.approx(0.2)
-    assert entry["loss_rel_diff"] == pytest.approx(0.005 / 1.5)
+def _batches(count=2, batch_size=2, seq_len=32):
+    rows = fixed_batches(random_token_dataset(32, 40), batch_size=batch_size, seq_len=seq_len,
+                         count=count)
+    return [(mx.array(t), mx.array(lengths)) for t, lengths in rows]
 
 
-def test_compare_pair_fails_on_a_loss_mismatch():
-    runner, _ = _fake_runner([_fake_record(100, 1000, [2.0, 1.5])],
-                             [_fake_record(200, 500, [2.0, 1.53])])  # final 2% off
-    entry = compare_pair("m", "lora", "/p.py", resolve_budget("cpu"), runner=runner)
-    assert not entry["ok"] and not entry["loss_matches"]
-    assert "differs from stock" in entry["error"]
-    assert loss_rel_diff([1.0, 1.0], [1.0, 1.015]) == (pytest.approx(0.015), pytest.approx(0.015))
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gemma3_text"])
+@pytest.mark.parametrize("fine_tune_type", ["lora", "dora"])
+def test_stock_kernels_pass_the_gradient_check(family, fine_tune_type):
+    result = check_gradients(tiny_model(family), STOCK, _batches(), fine_tune_type=fine_tune_type,
+                             num_layers=2, rank=4)
+    assert result["ok"], result["error"]
+    assert result["tensors"] == (4 if family == "phi3" else 7) * 2 * (3 if fine_tune_type == "dora" else 2)
+    assert result["grad_cosine_min"] > 1 - 1e-6 and result["grad_rel_err_max"] < 1e-5
 
 
-BROKEN_PROGRAM = '''
-from kernel_lab.ops import STOCK
-rms_norm, rope, cross_entropy = STOCK.rms_norm, STOCK.rope, STOCK.cross_entropy
-linear_cross_entropy, lora_linear, dora_linear = (
-    STOCK.linear_cross_entropy, STOCK.lora_linear, STOCK.dora_linear)
+@pytest.mark.parametrize("program", ["initial_program.py", "examples/optimized_program.py"])
+@pytest.mark.parametrize("fine_tune_type", ["lora", "dora"])
+def test_legitimate_programs_pass_the_gradient_check(program, fine_tune_type):
+    kernels = load_program(ROOT / program)
+    result = check_gradients(tiny_model("qwen2"), kernels, _batches(), fine_tune_type=fine_tune_type,
+                             num_layers=2, rank=4)
+    assert result["ok"], result["error"]
+    assert result["grad_cosine_min"] >= COSINE_MIN and result["grad_rel_err_max"] <= REL_ERR_MAX
 
-def swiglu(gate, up):
-    return STOCK.swiglu(gate, up)[..., :-1]  # drops a column: breaks the down projection
-'''
+
+def test_the_gradient_check_restores_the_model_in_its_dtype():
+    model = tiny_model("llama", dtype=mx.bfloat16)
+    loaded = dict(tree_flatten(model.parameters()))
+    result = check_gradients(model, STOCK, _batches(1), num_layers=2, rank=4)
+    assert result["ok"] and result["model_dtype"] == "mlx.core.bfloat16"
+    now = dict(tree_flatten(model.parameters()))
+    assert now.keys() == loaded.keys() and all(now[k] is loaded[k] for k in now)
+    assert not tree_flatten(model.trainable_parameters())
 
 
-def test_stage3_broken_program_fails_fast_naming_kernel_layer_and_step(tmp_path):
-    program = tmp_path / "broken.py"
-    program.write_text(BROKEN_PROGRAM)
-    result = run_macro(program, models=["smollm2-135m-q4"], fine_tune_types=("lora",),
-                       budget="cpu")
-    assert not result["ok"]
-    run = result["runs"][0]
-    assert run["records"]["stock"] == []  # failed in the preflight, before real training
-    assert "kernel swiglu at model.layers" in result["error"]
-    assert "step 1" in result["error"]
+def _tiny_losses(kernels, fine_tune_type, batches, dtype):
+    model = tiny_model("llama", dtype=dtype)
+    convert_to_lora(model, fine_tune_type=fine_tune_type, num_layers=2, rank=4)
+    record = run_training(model, batches, kernels, iters=3, batch_size=2, max_seq_length=33,
+                          steps_per_report=1, iterate_batches=lambda **_: iter(batches * 2))
+    assert record["ok"], record.get("error")
+    return record["losses"]
+
+
+@pytest.mark.parametrize("name", sorted(hostile.TRAINING))
+def test_hostile_training_gradients_are_caught_where_the_loss_check_is_blind(name, tmp_path):
+    """Right in stage 1's cases, wrong only at training sizes (or in bfloat16 only): 3 steps at
+    learning rate 1e-5 leave the loss within the loss check's limits, the gradient check names
+    tensor and kernel."""
+    entry = hostile.TRAINING[name]
+    kernels = load_program(hostile.build(name, tmp_path))
+    ftt = entry.get("fine_tune_type", "lora")
+    dtype = mx.bfloat16 if entry.get("compute_only") else mx.float32
+    batches = _batches(3)
+    worst, final = loss_rel_diff(_tiny_losses(None, ftt, batches, dtype),
+                                 _tiny_losses(kernels, ftt, batches, dtype))
+    assert worst < 1e-3 and final < 1e-3  # the loss check (1% / 2%) would pass it
+    options = dict(fine_tune_type=ftt, num_layers=2, rank=4)
+    if entry.get("compute_only"):  # right in float32: only the check in the compute dtype sees it
+        assert check_gradients(tiny_model("llama", dtype=dtype), kernels, batches[:2], **options)["ok"]
+    result = check_gradients(tiny_model("llama", dtype=dtype), kernels, batches[:2],
+                             compute_dtype=True, **options)
+    assert not result["ok"] and result["error"].startswith("gradient check failed")
+    for needle in entry["expect"]:
+        assert needle in result["error"], (needle, result["error"])
+
+
+def test_legitimate_programs_pass_the_check_in_bfloat16_too():
+    for kernels in (STOCK, load_program(ROOT / "examples/optimized_program.py")):
+        result = check_gradients(tiny_model("qwen2", dtype=mx.bfloat16), kernels, _batches(),
+                                 num_layers=2, rank=4, compute_dtype=True)
+        assert result["ok"], result["error"]
+        assert result["compute"]["grad_rel_err_max"] < 0.1 and result["grad_rel_err_max"] < 1e-5
+
+
+def test_a_kernel_that_breaks_inside_the_model_is_named_by_the_gradient_check():
+    kernels = variant(swiglu=lambda g, u: STOCK.swiglu(g, u)[..., :-1])
+    result = check_gradients(tiny_model("qwen2"), kernels, _batches(1), num_layers=2, rank=4)
+    assert not result["ok"] and result["kernel"] == "swiglu"
+    assert "kernel swiglu at model.layers.0.mlp returned shape (2, 32, 127)" in result["error"]
+
+
+def test_nan_gradients_name_the_first_non_finite_kernel():
+    kernels = variant(rope=lambda x, dims, **kw: STOCK.rope(x, dims, **kw) * math.nan)
+    result = check_gradients(tiny_model("llama"), kernels, _batches(1), num_layers=2, rank=4)
+    assert not result["ok"] and result["grad_cosine_min"] == -1.0
+    assert "non-finite" in result["error"]
+    assert "kernel rope at model.layers.0.self_attn.rope" in result["error"]
 
 
 # ---------------------------------------------------------------- the real embedded model
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fine_tune_type", ["lora", "dora"])
-def test_real_model_with_stock_kernels_trains_like_mlx_lm(fine_tune_type):
-    args = dict(fine_tune_type=fine_tune_type, iters=2, batch_size=1, max_seq_length=32,
-                num_layers=2, steps_per_report=1)
-    plain = train_once("smollm2-135m-q4", None, **args)
-    patched = train_once("smollm2-135m-q4", "stock", **args)
-    assert plain["ok"] and patched["ok"], (plain.get("error"), patched.get("error"))
-    assert len(patched["losses"]) == 2
-    assert patched["losses"] == pytest.approx(plain["losses"], rel=1e-4)
-    report = patched["patch_report"]
-    kind = "dora_linear" if fine_tune_type == "dora" else "lora_linear"
-    assert report["patched"] == {"rms_norm": 61, "rope": 30, "swiglu": 30, kind: 14}
-    assert report["stock"] == [] and report["loss"] == "linear_cross_entropy"
-    assert patched["peak_memory"] > 0 and patched["tokens_per_second"] > 0
+def test_stage3_stock_kernels_train_like_mlx_lm_on_the_real_model():
+    """The stage-3 path on the CPU budget: kernel_lab.ops.STOCK patched in against plain mlx-lm,
+    LoRA then DoRA in the same two workers, alternating one-step windows."""
+    result = run_macro("stock", models=["smollm2-135m-q4"], budget="cpu")
+    assert result["ok"], result["error"]
+    assert [(r["model"], r["fine_tune_type"]) for r in result["runs"]] == [
+        ("smollm2-135m-q4", "lora"), ("smollm2-135m-q4", "dora")]
+    for run in result["runs"]:
+        assert run["loss_matches"] and run["loss_rel_diff"] < 1e-4
+        assert run["grad_cosine_min"] > 1 - 1e-6 and run["grad_rel_err_max"] < 1e-5
+        assert len(run["speedups"]) == 2 and run["training_speedup"] > 0 and run["memory_ratio"] > 0
+        stock, cand = run["records"]["stock"][0], run["records"]["candidate"][0]
+        assert [r["iteration"] for r in stock["reports"]] == [1, 2, 3]
+        assert [r["iteration"] for r in cand["reports"]] == [1, 2, 3]
+        kind = "dora_linear" if run["fine_tune_type"] == "dora" else "lora_linear"
+        for line in ("rms_norm       61 patched", "rope           30 patched",
+                     "swiglu         30 patched", f"{kind:<12}   14 patched",
+                     "loss         linear_cross_entropy"):
+            assert line in cand["patch_report_text"], cand["patch_report_text"]
+    assert "per window:" in format_runs(result)
+
+
+@pytest.mark.slow
+def test_stage3_catches_zero_lora_gradients_that_the_loss_check_passes(tmp_path):
+    program = hostile.build("zero_lora_gradients", tmp_path)
+    common = dict(models=["smollm2-135m-q4"], fine_tune_types=("lora",), budget="cpu")
+    blind = run_macro(program, grad_check=False, **common)
+    assert blind["ok"] and blind["loss_matches"], blind["error"]  # the loss alone lets it through
+    result = run_macro(program, **common)
+    assert not result["ok"] and not result["runs"][0]["ok"]
+    assert "speedups" not in result["runs"][0]  # stopped before any timed window
+    error = result["error"]
+    assert "gradient check failed" in error and "kernel lora_linear" in error
+    assert "model.layers.28.self_attn.q_proj.lora_a: cosine 0.0000" in error
+    assert result["grad_cosine_min"] == 0.0 and result["grad_rel_err_max"] == 1.0

@@ -105,7 +105,16 @@ def is_installed(name):
     return True
 
 
+def is_converted(name):
+    """True when the model cache ($KERNEL_LAB_CACHE) holds a finished conversion of `name`
+    (it loads from there with no package installed, e.g. on a machine the cache was copied to)."""
+    from .cache import cache_root, is_complete
+
+    return is_complete(cache_root() / name, EMBEDDED[name].sha256)
+
+
 def available_offline():
-    """Embedded model names whose packages are installed, the default first."""
+    """Embedded model names usable with no network, the default first: converted in the model
+    cache, or with their packages installed (converted on first use)."""
     names = sorted(EMBEDDED, key=lambda n: (n != DEFAULT_MODEL, n))
-    return [n for n in names if is_installed(n)]
+    return [n for n in names if is_converted(n) or is_installed(n)]

@@ -1,0 +1,49 @@
+"""benchmarks/profile_step.py on the embedded SmolLM2, tiny sizes on the CPU: stock and patched."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTS = {"input_norm", "qkv_proj", "rope_qk", "attention", "o_proj", "post_norm", "gate_up_proj",
+         "swiglu", "down_proj", "layer_whole", "head_loss", "embedding", "adam_update"}
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "benchmarks/profile_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_profile_stock_and_patched_step(tmp_path, capsys):
+    script = _script()
+    results = {}
+    for program in ("none", str(ROOT / "initial_program.py")):
+        out = tmp_path / f"{Path(program).stem}.json"
+        script.main(["--program", program, "--batch", "1", "--length", "4", "--layers", "2",
+                     "--steps", "1", "--warmup", "1", "--dtype", "float32", "--json", str(out)])
+        res = json.loads(out.read_text())
+        results[program] = res
+        assert set(res["parts"]) == PARTS
+        for name, part in res["parts"].items():
+            assert part["ms"] > 0 and part["peak_mb"] > 0, name
+            assert part["count"] == (2 if name not in {"head_loss", "embedding", "adam_update"} else 1)
+        step = res["step"]
+        assert step["ms"] > 0 and step["tokens_per_s"] > 0 and math.isfinite(step["loss"])
+        assert step["peak_mb"] >= step["resident_mb"] >= step["weights_mb"] > 0
+        assert res["memory"]["per_layer_mb"] > 0  # a layer keeps activations for the backward
+        assert res["memory"]["attention_scores_mb"] == pytest.approx(1 * 9 * 4 * 4 * 4 / 2**20)
+        assert res["layers"] == 2 and res["layers_total"] == 30
+    stock, patched = results.values()
+    assert stock["patch"] is None
+    assert patched["patch"]["loss"] == "linear_cross_entropy" and not patched["patch"]["stock"]
+    # Same model, LoRA init, batch and number of Adam steps: the same loss, stock or patched.
+    assert patched["step"]["loss"] == pytest.approx(stock["step"]["loss"], rel=1e-3)
+    printed = capsys.readouterr().out
+    assert printed.count("unattributed") == 2  # the table comes last: the device tool keeps the tail
+    assert printed.rstrip().splitlines()[-1].startswith("layer whole")
