@@ -104,12 +104,13 @@ def rms_norm(x, weight, eps):
 }
 
 # ---------------------------------------------------------------- stage 2 (S2): timed calls are checked
-# Each passes stage 1 (float32/bfloat16/float16, seed 1). Stage 2 as it was at commit 2331a83 (one
-# process, forward compared at 2e-3, gradients never) scored wrong_only_compiled 0.96,
-# right_first_k_calls 0.99, wrong_grad_at_bench_shapes 1.07, frame_walk 0.89, thread_at_import 0.55,
-# subprocess_at_import 1.07, async_work_at_import 0.92, renice_siblings 0.99, and caught only
-# wrong_above_n_tokens and stack_inspection (by their forward). change_inputs, pose_as_reference and
-# swap_timed_step attack the separate-process design itself.
+# Stage 1 (after S1's merge: compiled checks and large cases, seed 1) passes every one of these but
+# change_inputs and pose_as_reference (their tampering shows there too). Stage 2 as it was at commit
+# 2331a83 (one process, forward compared at 2e-3, gradients never) scored wrong_only_compiled 1.00,
+# right_first_k_calls 0.99, wrong_grad_at_bench_shapes 1.07, frame_walk 0.89, thread_at_import
+# 0.55, subprocess_at_import 1.07, async_work_at_import 0.92, renice_siblings 0.99, and caught only
+# wrong_above_n_tokens and stack_inspection (by their forward). change_inputs, pose_as_reference
+# and swap_timed_step attack the separate-process design itself.
 # How wrong: just past the old 2e-3 limit's reach in float32; past 2x the loose bfloat16 tolerances
 # (0.05-0.1) where a GPU benchmarks in half precision.
 BAD = "_BAD = {mx.float32: 1.001, mx.bfloat16: 1.5, mx.float16: 1.5}\n\n\n"
@@ -123,7 +124,8 @@ STAGE2_CORPUS = {
         x.sum().item()
         return y
     except ValueError:  # being traced by mx.compile, as the benchmark and training are
-        return y * _BAD[x.dtype] if x.size >= 65536 else y
+        big = 1_000_000 if mx.default_device() == mx.cpu else 3_000_000  # past stage 1's large cases
+        return y * _BAD[x.dtype] if x.size > big else y
 """, expect=["rms_norm", "is wrong in benchmark case", "output differs from stock's"]),
     # Stage 1 uses at most 128 tokens, the benchmark at least 256.
     "wrong_above_n_tokens": dict(stage=2, kernel="swiglu", code=BAD + """def swiglu(gate, up):
