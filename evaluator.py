@@ -100,8 +100,9 @@ def child_check(program, seed, shape_set, dtypes, names):
     """Stage 1 in the child: import the program under the guards and check every kernel."""
     import mlx.core as mx
 
-    from kernel_lab import correctness, guards
+    from kernel_lab import audit, correctness, guards
 
+    audit.install(program)  # no threads, processes, frame reads or file writes from its code
     before = guards.snapshot()
     kernels = _load_guarded(program, before, "program")
     results = correctness.check_kernels(kernels, seed=seed, shape_set=shape_set,

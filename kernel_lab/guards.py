@@ -47,7 +47,11 @@ WATCHED_MODULES = (
     "kernel_lab.ops.cross_entropy",
     "kernel_lab.ops.lora_linear",
     "kernel_lab.ops.dora_linear",
+    "kernel_lab.ops.attention",
     "kernel_lab.shapes",
+    "kernel_lab.cases",
+    "kernel_lab.tolerances",
+    "kernel_lab.references",
     "kernel_lab.correctness",
     "kernel_lab.microbench",
     "kernel_lab.guards",
@@ -111,10 +115,27 @@ def _hooks():
     return found
 
 
-def snapshot(modules=WATCHED_MODULES):
+# Watched when the process has already imported them (stage 3's training workers do, before the
+# program is imported; importing mlx-lm's trainer costs ~1 s that stages 1 and 2 need not pay).
+WATCHED_WHEN_LOADED = (
+    "mlx.optimizers",
+    "mlx_lm.tuner.trainer",
+    "mlx_lm.tuner.lora",
+    "mlx_lm.tuner.dora",
+    "mlx_lm.models.base",
+    "kernel_lab.training",
+    "kernel_lab.patching",
+    "kernel_lab.gradcheck",
+    "kernel_lab.trainworker",
+    "kernel_lab.diagnose",
+    "kernel_lab.data",
+)
+
+
+def snapshot(modules=WATCHED_MODULES, when_loaded=WATCHED_WHEN_LOADED):
     """Identity of everything watched: {qualified name: object} (modules missing here are skipped)."""
     taken = {}
-    for module_name in modules:
+    for module_name in list(modules) + [m for m in when_loaded if m in sys.modules]:
         try:
             module = importlib.import_module(module_name)
         except ImportError:

@@ -159,12 +159,18 @@ def _load(model, program, dtype, data, max_chars, batch_size, seq_len, steps, se
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from . import guards
+    from . import audit, guards
     from .data import fixed_batches, load_datasets
     from .models import load_model
     from .training import resolve_kernels
 
+    import mlx_lm.tuner.trainer  # noqa: F401 - loaded before the snapshot, so the guards watch it
+
+    from . import gradcheck, training  # noqa: F401 - likewise
+
     tic = time.perf_counter()
+    if program not in (None, "none", "stock"):
+        audit.install(program)  # no threads, processes, frame reads or file writes from its code
     before = guards.snapshot()
     kernels = resolve_kernels(program)
     guards.verify(before, "after importing the program")

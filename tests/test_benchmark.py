@@ -137,6 +137,15 @@ class FakeWorker:
                 "patch_report_text": None if self.side == "stock" else "Kernel patch report"}
 
 
+def test_tf32_off_is_a_budget_choice():
+    """... unless a budget asks for true float32 (then every side gets MLX_ENABLE_TF32=0)."""
+    box = FakeSandbox(tps={"stock": [100, 100, 100], "a": [100, 100, 100]},
+                      peak={"stock": [2e9] * 3, "a": [2e9] * 3})
+    benchmark.compare_sides(["/x/a.py"], dict(budgets.BUDGETS["cpu"], tf32=False), models=["m"],
+                            fine_tune_types=("lora",), sandbox=box, log=lambda m: None, windows=3)
+    assert [s.options["env"] for s in box.sessions] == [{"MLX_ENABLE_TF32": "0"}] * 2
+
+
 def _calls(box, function):
     return [side for side, f, _ in box.log if f == function]
 
@@ -148,8 +157,8 @@ def test_sides_load_and_prepare_together_and_windows_rotate():
                                            fine_tune_types=("lora", "dora"), sandbox=box,
                                            log=lambda m: None, windows=3)
     assert box.locked and box.closed == 3 and result["error"] is None
-    # float32 matmuls in true float32 (no TF32 on CUDA): the gradient check compares like with like
-    assert [s.options["env"] for s in box.sessions] == [{"MLX_ENABLE_TF32": "0"}] * 3
+    # MLX's default TF32 setting, as users train: no MLX_ENABLE_TF32 for the workers...
+    assert [s.options["env"] for s in box.sessions] == [{}] * 3
     functions = [f for _, f, _ in box.log]
     assert functions[:4] == ["hello", "load", "load", "load"]  # every side loads at the same time
     assert _calls(box, "load") == ["stock", "a", "b"]

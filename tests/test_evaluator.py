@@ -320,3 +320,17 @@ def test_cli_prints_json_metrics_last(tmp_path):
     assert out.returncode == 0, out.stderr
     metrics = json.loads(out.stdout.strip().splitlines()[-1])
     assert metrics["combined_score"] == score.STAGE1_PASS_SCORE and metrics["correct_fraction"] == 1.0
+
+
+def test_guards_watch_the_training_modules_once_loaded():
+    import mlx_lm.tuner.trainer as trainer
+
+    assert "mlx_lm.tuner.trainer" in guards.WATCHED_WHEN_LOADED
+    before = guards.snapshot()
+    original = trainer.default_loss
+    try:
+        trainer.default_loss = lambda *a, **k: original(*a, **k)
+        found = guards.changes(before, guards.snapshot())
+    finally:
+        trainer.default_loss = original
+    assert "mlx_lm.tuner.trainer.default_loss replaced" in found
