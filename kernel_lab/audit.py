@@ -21,7 +21,8 @@ forbidden while any program frame is on the stack (a helper cannot start a threa
 An attempt raises AuditViolation at once AND is recorded, so catching the exception does not help:
 `check()` raises again. Python 3.11 audits no thread start: `_thread.start_new_thread` (and
 threading's reference to it) are wrapped, `kernel_lab.guards` sees if they are swapped back, and
-`check()` counts live threads with `_thread._count()`.
+`check()` looks for live threads that neither ran before `install` nor were started by the harness
+through the wrapper (mlx-lm's progress display starts one).
 
 What it cannot stop: code in the same process run by a determined attacker. C extensions (and
 cffi) raise no audit events; a function's `__closure__` or a module's globals reach the original
@@ -74,7 +75,7 @@ class AuditViolation(PermissionError):
     """The program did something a candidate may not do (see the module docstring)."""
 
 
-_STATE = {"program": None, "own": set(), "violations": [], "busy": False, "threads": 0,
+_STATE = {"program": None, "own": set(), "violations": [], "busy": False, "threads": set(),
           "transparent": set(), "transparent_dirs": ()}
 
 
@@ -179,8 +180,18 @@ def _hook(event, args):
         _STATE["busy"] = False
 
 
-def _guarded(original, what):
-    """A wrapper of a thread or signal function that refuses calls from the program's code."""
+def _live_threads():
+    """Idents of every live thread (sys._current_frames, looked at without an audit event)."""
+    busy, _STATE["busy"] = _STATE["busy"], True
+    try:
+        return set(sys._current_frames())
+    finally:
+        _STATE["busy"] = busy
+
+
+def _guarded(original, what, thread=False):
+    """A wrapper of a thread or signal function that refuses calls from the program's code (a
+    thread the harness starts, with no program frame on the stack, is remembered as allowed)."""
 
     def wrapper(*args, **kwargs):
         if not _STATE["busy"]:
@@ -191,7 +202,10 @@ def _guarded(original, what):
                 _STATE["busy"] = False
             if frame is not None:
                 _deny(what, frame)
-        return original(*args, **kwargs)
+        result = original(*args, **kwargs)
+        if thread:  # start_new_thread returns the new thread's ident, start_joinable_thread a handle
+            _STATE["threads"].add(getattr(result, "ident", result))
+        return result
 
     wrapper.__name__ = getattr(original, "__name__", "wrapper")
     wrapper.__doc__ = getattr(original, "__doc__", None)
@@ -199,8 +213,13 @@ def _guarded(original, what):
 
 
 def _wrap_threads_and_signals():
-    start = _guarded(_thread.start_new_thread, "started a thread")
-    _thread.start_new_thread = threading._start_new_thread = start
+    start = _guarded(_thread.start_new_thread, "started a thread", thread=True)
+    _thread.start_new_thread = start
+    if getattr(threading, "_start_new_thread", None) is not None:
+        threading._start_new_thread = start
+    if hasattr(_thread, "start_joinable_thread"):  # Python 3.13+: threading starts threads here
+        joinable = _guarded(_thread.start_joinable_thread, "started a thread", thread=True)
+        _thread.start_joinable_thread = threading._start_joinable_thread = joinable
     if hasattr(_thread, "start_new"):
         _thread.start_new = start
     import signal
@@ -230,7 +249,7 @@ def install(program_path):
     _STATE["transparent"] = {inspect.__file__, traceback.__file__,
                              (logging.currentframe.__code__.co_filename, logging.currentframe.__code__.co_name)}
     _STATE["transparent_dirs"] = (str(Path(asyncio.__file__).parent) + os.sep,)
-    _STATE["threads"] = _thread._count()
+    _STATE["threads"] = _live_threads()
     _wrap_threads_and_signals()
     sys.addaudithook(_hook)
 
@@ -245,7 +264,9 @@ def check():
     if _STATE["violations"]:
         extra = len(_STATE["violations"]) - 1
         raise AuditViolation(_STATE["violations"][0] + (f" (and {extra} more)" if extra else ""))
-    if _STATE["program"] is not None and _thread._count() > _STATE["threads"]:
-        names = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    unexplained = _live_threads() - _STATE["threads"] if _STATE["program"] is not None else set()
+    if unexplained:
+        names = [t.name for t in threading.enumerate() if t.ident in unexplained] or \
+            [f"ident {i}" for i in sorted(unexplained)]
         raise AuditViolation(f"audit: a thread the harness did not start is running ({', '.join(names)}): "
                              "candidate programs may not start threads")

@@ -144,6 +144,13 @@ def test_a_quiet_program_passes(tmp_path):
     assert result.ok and result.value == [], result.error
 
 
+def test_threads_the_harness_starts_are_allowed(tmp_path):
+    program = _write_probe(tmp_path, ALLOWED)
+    result = run_task("audit_tasks:harness_thread_keeps_running", {"program": str(program)},
+                      timeout=60, env=ENV)
+    assert result.ok and result.value is None, (result.error, result.value)
+
+
 def test_guards_verify_reports_a_swallowed_attempt(tmp_path):
     program = _write_probe(tmp_path, {"thread": ATTACKS["thread"][0]})
     result = run_task("audit_tasks:through_guards", {"program": str(program)}, timeout=60, env=ENV)

@@ -42,6 +42,27 @@ def quiet(program):
     return audit.violations()
 
 
+def harness_thread_keeps_running(program):
+    """A thread the harness starts after install (mlx-lm's progress display does) and leaves
+    running is not the program's: check() passes while it lives."""
+    import time
+
+    from kernel_lab import audit
+
+    audit.install(program)
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, name="harness-ui", daemon=True)
+    thread.start()
+    time.sleep(0.05)
+    try:
+        audit.check()
+        return None
+    except audit.AuditViolation as exc:
+        return str(exc)
+    finally:
+        stop.set()
+
+
 def through_guards(program):
     """A swallowed attempt fails guards.verify too (one `audit.install` line wires a stage)."""
     from kernel_lab import audit, guards
