@@ -2,6 +2,7 @@
 
     openevolve-run initial_program.py evaluator.py --config config.yaml
     python evaluator.py [PROGRAM] [--stage N] [--json] [--seed S]     # one program, by hand
+    python evaluator.py --warmup      # once on a new GPU machine: compile MLX's kernels, not timed
 
 This process never imports MLX: every stage runs the candidate in an isolated child process (`kernel_lab.sandbox`): whatever the
 program does — a syntax error, an endless loop, os._exit, a segfault, NaN gradients, patching
@@ -29,12 +30,10 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # openevolve loads this file by path
     sys.path.insert(0, str(HERE))
 
-from kernel_lab import score, stage2  # noqa: E402
-from kernel_lab.sandbox import device_lock, run_task  # noqa: E402
+from kernel_lab import score, stage1, stage2, watch  # noqa: E402
+from kernel_lab.sandbox import device_lock  # noqa: E402
 
 INITIAL_PROGRAM = HERE / "initial_program.py"
-WATCHED_SUFFIXES = {".py", ".pth", ".yaml", ".yml", ".toml", ".ini", ".cfg"}
-UNWATCHED_DIRS = {"__pycache__"}  # inside kernel_lab: bytecode caches may appear at any time
 
 
 @dataclasses.dataclass
@@ -45,8 +44,8 @@ class Settings:
     shape_set: str = "default"  # correctness cases (kernel_lab.shapes)
     dtypes: str = "float32,bfloat16,float16"  # correctness dtypes
     names: str = ""  # comma-separated kernels to evaluate ("" = all seven)
-    stage1_timeout: float = 300.0  # seconds, the child process of stage 1
-    stage2_timeout: float = 420.0  # seconds, the child process of stage 2
+    stage1_timeout: float = 900.0  # seconds, the child of stage 1 (a cold GPU compiles for minutes)
+    stage2_timeout: float = 900.0  # seconds for stage 2's workers (each call has its own limit too)
     lock_timeout: float = 600.0  # seconds to wait for another evaluation's timing to finish
     repeats: int = 5  # at least this many timed rounds per kernel and case (after 2 warm-ups)
     min_seconds: float = 2.0  # ... and more (at most 40) until a case's timed phase took this long
@@ -78,45 +77,7 @@ class Settings:
         return int(self.memory_limit_gb * 2**30) if self.memory_limit_gb else None
 
 
-# ------------------------------------------------------------------ child-process side
-
-def _jsonable(value):
-    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-
-
-def _load_guarded(program, before, label):
-    from kernel_lab import guards
-    from kernel_lab.contract import load_program
-
-    kernels = load_program(program)
-    guards.verify(before, f"after importing the {label}")
-    return kernels
-
-
-STAGE1_ENV = {"MLX_ENABLE_TF32": "0"}  # float32 checked in true float32 (CUDA runs TF32 otherwise)
-
-
-def child_check(program, seed, shape_set, dtypes, names):
-    """Stage 1 in the child: import the program under the guards and check every kernel."""
-    import mlx.core as mx
-
-    from kernel_lab import audit, correctness, guards
-
-    audit.install(program)  # no threads, processes, frame reads or file writes from its code
-    before = guards.snapshot()
-    kernels = _load_guarded(program, before, "program")
-    results = correctness.check_kernels(kernels, seed=seed, shape_set=shape_set,
-                                        dtypes=tuple(dtypes), names=names)
-    guards.verify(before, "after running the kernels")
-    tf32 = os.environ.get("MLX_ENABLE_TF32", "(unset)")
-    setting = (f"{mx.default_device()}, MLX_ENABLE_TF32={tf32}: float32 is checked in true float32 "
-               "(no TF32 matmuls); values and gradients under mx.compile, as timed")
-    return _jsonable({"results": results, "setting": setting,
-                      "table": correctness.format_table(results),
-                      "failures": [correctness.format_failure(r) for r in results if not r["passed"]]})
-
-
-# ------------------------------------------------------------------ parent side
+# ------------------------------------------------------------------ results
 
 def _result(metrics, artifacts):
     """An openevolve EvaluationResult (a plain dict with `artifacts` if openevolve is absent)."""
@@ -143,59 +104,10 @@ def _failure(stage, error, seed, seconds, task=None, extra_metrics=None):
     return _result(metrics, artifacts)
 
 
-def directory_fingerprint(root=HERE):
-    """{relative path: (size, mtime)} of what the evaluation runs: the top-level code and config
-    files (evaluator.py, config.yaml, initial_program.py, a planted sitecustomize.py ...) and the
-    kernel_lab package. Docs, tests, examples, outputs and environments are left out so that
-    editing them during a run is not mistaken for a candidate's write."""
-    found = {}
-    top_files = [(root, [], [p.name for p in Path(root).iterdir()
-                             if p.is_file() and p.suffix in WATCHED_SUFFIXES])]
-    for directory, subdirs, files in top_files + list(os.walk(Path(root) / "kernel_lab")):
-        subdirs[:] = [d for d in subdirs if d not in UNWATCHED_DIRS]
-        for name in files:
-            path = Path(directory, name)
-            try:
-                info = path.stat()
-            except OSError:
-                continue
-            found[str(path.relative_to(root))] = (info.st_size, info.st_mtime_ns)
-    return found
-
-
-def directory_changes(before, after):
-    """What changed between two fingerprints, e.g. ['kernel_lab/x.py (new)']."""
-    changed = [f"{p} (new)" for p in after.keys() - before.keys()]
-    changed += [f"{p} (deleted)" for p in before.keys() - after.keys()]
-    changed += [f"{p} (modified)" for p in before.keys() & after.keys() if before[p] != after[p]]
-    return sorted(changed)
-
-
-def _directory_error(before):
-    """The error when the example directory changed since the fingerprint `before` (None: fine or off)."""
-    if before is None:
-        return None
-    changed = directory_changes(before, directory_fingerprint())
-    if not changed:
-        return None
-    shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-    return f"the program wrote into the evaluator's directory {HERE}: {shown}"
-
-
-def _run_watched(target, kwargs, watch=True, **options):
-    """run_task, turned into a failure when the child wrote into the example directory.
-
-    The child's working directory is a temp dir, so relative writes are harmless; there is no
-    file-system isolation for absolute paths (use a container for that), but they are detected.
-    (Detection cannot tell a candidate's write from a person editing the directory meanwhile:
-    `watch=False`, or KERNEL_LAB_WATCH_DIRECTORY=0, turns it off.)
-    """
-    before = directory_fingerprint() if watch else None
-    task = run_task(target, kwargs, **options)
-    error = _directory_error(before) if task.ok else None
-    if error:
-        task.ok, task.error = False, error
-    return task
+def _fingerprint(settings):
+    """The example directory's fingerprint before a stage (None: not watched). Detection cannot
+    tell a candidate's write from a person editing the directory meanwhile: KERNEL_LAB_WATCH_DIRECTORY=0."""
+    return watch.fingerprint(HERE) if settings.watch_directory else None
 
 
 def _seed(settings):
@@ -212,11 +124,13 @@ def evaluate_stage1(program_path, **overrides):
     settings = Settings.from_env(**overrides)
     seed = _seed(settings)
     _log(settings, f"[stage 1] correctness of {program_path} (seed {seed})")
-    task = _run_watched("evaluator:child_check", dict(
-        program=str(Path(program_path).resolve()), seed=seed, shape_set=settings.shape_set,
-        dtypes=settings.dtypes.split(","), names=settings.kernel_names(),
-    ), timeout=settings.stage1_timeout, memory_limit=settings.memory_limit(),
-        watch=settings.watch_directory, env=STAGE1_ENV)
+    before = _fingerprint(settings)
+    task = stage1.run(Path(program_path).resolve(), seed=seed, shape_set=settings.shape_set,
+                      dtypes=settings.dtypes.split(","), names=settings.kernel_names(),
+                      timeout=settings.stage1_timeout, memory_limit=settings.memory_limit())
+    error = watch.error_since(before, HERE) if task.ok else None
+    if error:
+        task.ok, task.error = False, error
     if not task.ok:
         return _failure(1, task.error, seed, task.seconds, task, {"correct_fraction": 0.0})
     results, failures = task.value["results"], task.value["failures"]
@@ -242,7 +156,7 @@ def evaluate_stage2(program_path, **overrides):
     try:
         with device_lock(timeout=settings.lock_timeout):
             start = time.monotonic()
-            before = directory_fingerprint() if settings.watch_directory else None
+            before = _fingerprint(settings)
             bench = stage2.run(program_path, initial=initial, names=settings.kernel_names(),
                                dtype=settings.bench_dtype or None, repeats=settings.repeats,
                                min_seconds=settings.min_seconds, timeout=settings.stage2_timeout,
@@ -252,7 +166,7 @@ def evaluate_stage2(program_path, **overrides):
     except stage2.MicroError as exc:
         return _failure(2, str(exc), seed, time.monotonic() - start, exc.task)
     seconds = time.monotonic() - start
-    error = _directory_error(before)
+    error = watch.error_since(before, HERE)
     if error:
         return _failure(2, error, seed, seconds)
     metrics = stage2.metrics(bench)
@@ -282,17 +196,16 @@ def evaluate_stage3(program_path, **overrides):
     micro = entry["metrics"]["micro_score"]
     seed = _seed(settings)
     _log(settings, f"[stage 3] fine-tuning benchmark of {program_path} (seed {seed})")
-    before = directory_fingerprint() if settings.watch_directory else None
+    before = _fingerprint(settings)
     macro = stage3.evaluate(
         str(Path(program_path).resolve()), seed=seed, budget=settings.stage3_budget,
         models=settings.stage3_models, options=settings.stage3_options,
         timeout=settings.stage3_timeout, lock_timeout=settings.lock_timeout,
         memory_limit=settings.memory_limit(), echo=settings.echo)
     _LAST_MACRO[str(program_path)] = macro.get("raw")
-    changed = directory_changes(before, directory_fingerprint()) if before is not None else []
-    if changed and not macro.get("error"):
-        macro["error"] = (f"stage 3: the program wrote into the evaluator's directory {HERE}: "
-                          + ", ".join(changed[:5]))
+    error = watch.error_since(before, HERE)
+    if error and not macro.get("error"):
+        macro["error"] = f"stage 3: {error}"
     metrics = {**macro.get("metrics", {}), "micro_score": micro}
     artifacts = {"seed": str(seed), **(macro.get("artifacts") or {})}
     if macro.get("error"):
@@ -350,7 +263,12 @@ def main(argv=None):
     parser.add_argument("--shape-set", choices=("default", "full"))
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--warmup", action="store_true",
+                        help="evaluate the starting program once, to fill MLX's kernel caches on a "
+                        "new machine (a cold CUDA machine compiles for minutes); its score is not kept")
     args = parser.parse_args(argv)
+    if args.warmup:
+        return warmup(echo=not args.quiet)
     overrides = dict(seed=args.seed, names=args.names, shape_set=args.shape_set,
                      repeats=args.repeats, echo=False if args.quiet else None)
     function = {None: evaluate, 1: evaluate_stage1, 2: evaluate_stage2, 3: evaluate_stage3}[args.stage]
@@ -365,6 +283,19 @@ def main(argv=None):
     if args.json:
         print(json.dumps(metrics))
     return 0 if metrics.get("combined_score", 0) > 0 else 1
+
+
+def warmup(echo=True):
+    """Run every stage on the starting program so that MLX compiles (and caches on disk, see
+    kernel_lab.sandbox.ptx_cache_dir) the kernels stock and a typical program need; print each
+    stage's seconds. Timing never includes compiling anyway (warm-up rounds and windows come first);
+    this takes the compiling out of the first real evaluation's wall time and timeouts."""
+    start = time.monotonic()
+    metrics, artifacts = _split(evaluate(str(INITIAL_PROGRAM), echo=echo, watch_directory=False))
+    seconds = {k: round(v, 1) for k, v in metrics.items() if k.endswith("_seconds")}
+    print(f"warm-up done in {time.monotonic() - start:.0f} s: {seconds}"
+          + (f"; {artifacts['error']}" if "error" in artifacts else ""))
+    return 0
 
 
 def write_evaluation_report(program, metrics, artifacts, settings):
