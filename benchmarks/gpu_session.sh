@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU evidence of issues 10 and 11, one section at a time (after ../shared/device's install):
+#   bash benchmarks/gpu_session.sh OUT SECTION...
+# Sections: evals (each program's full evaluation, cold then warm), repeat (stage 3 stock vs stock and
+# the optimized program, 3 evaluations each), legit (the legit corpus on CUDA), table (the
+# benchmark table), variants (micro vs macro ordering), profiles (step profiles). Each writes logs
+# and JSON under OUT/<section>/. "Cold": MLX's kernel cache (MLX_PTX_CACHE_DIR) and the CUDA
+# driver's (CUDA_CACHE_PATH) start empty, as on a new machine; "warm": the same caches again.
+set -u
+out=$1; shift
+mkdir -p "$out"
+stamp() { echo "[$(date +%H:%M:%S)] $*"; }
+for section in "$@"; do
+  mkdir -p "$out/$section"; cd "$(dirname "$0")/.." || exit 1
+  case $section in
+  evals)
+    for p in initial_program.py examples/optimized_program.py examples/stock_program.py; do
+      n=$(basename $p .py); caches=/tmp/gpu-caches/$n; rm -rf $caches; mkdir -p $caches/ptx $caches/cuda
+      for run in cold warm; do
+        stamp "evaluate $p ($run)"; start=$(date +%s)
+        MLX_PTX_CACHE_DIR=$caches/ptx CUDA_CACHE_PATH=$caches/cuda KERNEL_LAB_REPORT_DIR=$out/$section \
+          python evaluator.py $p --seed 1 --json > $out/$section/${n}_$run.log 2>&1
+        echo "wall $(( $(date +%s) - start )) s" | tee -a $out/$section/${n}_$run.log
+        grep -E "^(combined_score|micro_score|macro_score|training_speedup|memory_ratio|stage[123]_seconds|error)" \
+          $out/$section/${n}_$run.log | tr '\n' ' '; echo
+      done
+    done ;;
+  repeat)
+    for p in none examples/optimized_program.py; do
+      n=$(basename $p .py); stamp "stage 3 of $p, 3 evaluations"
+      python -m kernel_lab.stage3 $p --budget gpu --repeat 3 --json $out/$section/$n.json \
+        > $out/$section/$n.log 2>&1; tail -12 $out/$section/$n.log
+    done ;;
+  legit)
+    stamp "legit corpus"
+    MLX_ENABLE_TF32=0 python tests/legit/legit_corpus.py --seeds 0-19 \
+      --names stock,initial-program,optimized > $out/$section/programs.log 2>&1; tail -5 $out/$section/programs.log
+    MLX_ENABLE_TF32=0 python tests/legit/legit_corpus.py --seeds 0-2 > $out/$section/all.log 2>&1
+    tail -30 $out/$section/all.log ;;
+  table)
+    stamp "benchmark table"
+    python -m kernel_lab.benchmark initial_program.py examples/optimized_program.py --budget table \
+      --out $out/$section > $out/$section/benchmark.log 2>&1; tail -40 $out/$section/benchmark.log ;;
+  variants)
+    stamp "micro vs macro"
+    python benchmarks/micro_vs_macro.py write /tmp/variants > /dev/null
+    python -m kernel_lab.benchmark /tmp/variants/*.py initial_program.py examples/optimized_program.py \
+      --budget gpu --model smollm2-135m-q4 --fine-tune-type lora --out $out/$section \
+      > $out/$section/benchmark.log 2>&1
+    python benchmarks/micro_vs_macro.py analyze $out/$section/benchmark.json | tee $out/$section/analysis.txt ;;
+  profiles)
+    for m in smollm2-135m-q4 qwen2.5-coder-0.5b-q4; do for t in lora dora; do
+      for p in none examples/optimized_program.py; do
+        stamp "profile $m $t $p"
+        python benchmarks/profile_step.py --model $m --fine-tune-type $t --program $p --length 1023 \
+          --json $out/$section/${m%%-*}_${t}_$(basename $p .py).json > $out/$section/${m%%-*}_${t}_$(basename $p .py).log 2>&1
+        tail -22 $out/$section/${m%%-*}_${t}_$(basename $p .py).log
+      done; done; done ;;
+  *) echo "unknown section $section" ;;
+  esac
+  stamp "section $section done"
+done
