@@ -4,9 +4,9 @@ MLX's CUDA backend compiles its kernels at first use (NVRTC, one CPU core each) 
 MLX_PTX_CACHE_DIR (kernel_lab.sandbox.ptx_cache_dir). Stage 1 checks every kernel in three dtypes
 with 4/5/8-bit bases and group sizes 32/64, and every such quantized matmul is a kernel of its own:
 measured on an H200, stage 1 of a cold machine ran past 900 s, 10-40 s per new LoRA/DoRA case.
-`run()` does that compiling once, spread over the machine's cores: one child per (kernel, dtype),
-each checking stock's and the starting program's kernels on stage 1's cases with every bits x group
-combination, into a private cache folder (MLX writes its cache files in place, so children that
+`run()` does that compiling once, spread over the machine's cores: a queue of jobs, one per
+(kernel, dtype, bits x group size), longest first, served by one child per core, each checking stock's
+and the starting program's kernels on stage 1's cases into its private cache folder (MLX writes its cache files in place, so children that
 compile the same kernel must not share a folder), then merged into the shared one, each .ptx last
 (MLX takes a .ptx as the sign that its .txt is complete). A marker file says it is done; on the CPU
 there is nothing to compile and the marker is written at once.
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .sandbox import Session, ptx_cache_dir, wait_all
+from .sandbox import Session, ptx_cache_dir
 
 MARKER = "kernel_lab-warmup.json"
 
@@ -42,31 +42,40 @@ def device():
     return "gpu" if mx.default_device() == mx.gpu else "cpu"
 
 
-def _variants(case):
-    """The case with every bits x group size of stage 1 when it is quantized, else itself."""
+def variants(kernel):
+    """Stage 1's (bits, group size) pairs for a quantized `kernel`, else [None]."""
     from .cases import BITS, GROUP_SIZES, HEAD_BITS
 
-    if not case.get("quantized"):
-        return [case]
-    bits = HEAD_BITS if case["kernel"] == "linear_cross_entropy" else BITS
-    return [dict(case, bits=b, group_size=g) for b in bits for g in GROUP_SIZES]
+    if kernel not in ("lora_linear", "dora_linear", "linear_cross_entropy"):
+        return [None]
+    bits = HEAD_BITS if kernel == "linear_cross_entropy" else BITS
+    return [(b, g) for b in bits for g in GROUP_SIZES]
 
 
-def compile_kernel(kernel, dtype, program=None):
-    """Run stock's (and `program`'s) `kernel` through stage 1's checks on every variant; seconds."""
+def compile_kernel(kernel, dtype, program=None, variant=None):
+    """Run stock's (and `program`'s) `kernel` through stage 1's checks; seconds.
+
+    `variant` = [bits, group size] limits quantized cases to that base (the unquantized cases run
+    with the first variant), so one kernel's compiling can be spread over several children."""
     from . import correctness
     from .contract import load_program
     from .ops import STOCK
 
     start = time.perf_counter()
     impls = [getattr(STOCK, kernel)] + ([getattr(load_program(program), kernel)] if program else [])
+    pairs = variants(kernel)
+    chosen = [tuple(variant)] if variant else pairs
     for case in correctness.cases_for(kernel, "default"):
         if dtype not in correctness.case_dtypes(case, (dtype,)):
             continue
-        for variant in _variants(case):
+        if case.get("quantized"):
+            todo = [dict(case, bits=b, group_size=g) for b, g in chosen]
+        else:
+            todo = [case] if (variant is None or tuple(variant) == pairs[0]) else []
+        for one in todo:
             for fn in impls:
                 try:
-                    correctness.check_case(fn, kernel, variant, dtype, seed=0)
+                    correctness.check_case(fn, kernel, one, dtype, seed=0)
                 except correctness.CheckFailure:
                     pass  # compiling is the point; stage 1 itself judges
     return time.perf_counter() - start
@@ -106,7 +115,9 @@ def run(program=None, *, parallel=None, timeout=3600.0, log=print):
         where = probe.call("kernel_lab.warmup:device", timeout=600)
     if not where.ok:
         return {"error": f"warm-up: {where.error}"}
-    jobs = [(k, d) for k in KERNEL_NAMES for d in ("float32", "bfloat16", "float16")]
+    # quantized matmuls first: they compile longest (longest job first keeps the cores busy)
+    jobs = [(k, d, v) for k in sorted(KERNEL_NAMES, key=lambda k: variants(k) == [None])
+            for d in ("float32", "bfloat16", "float16") for v in variants(k)]
     if where.value == "gpu":
         parallel = parallel or max(1, min(len(jobs), (os.cpu_count() or 2) - 1))
         log(f"[warm-up] compiling stage 1's kernels in {parallel} children into {shared} (once per machine)")
@@ -123,15 +134,26 @@ def _compile(jobs, program, parallel, shared, timeout, log):
         folders = [scratch / str(i) for i in range(parallel)]
         sessions = [Session(env={"MLX_ENABLE_TF32": "0", "MLX_PTX_CACHE_DIR": str(f)}) for f in folders]
         try:
-            pending = list(jobs)
-            while pending:
-                wave, pending = pending[:parallel], pending[parallel:]
-                for session, (kernel, dtype) in zip(sessions, wave):
-                    session.submit("kernel_lab.warmup:compile_kernel",
-                                   {"kernel": kernel, "dtype": dtype, "program": program})
-                for (kernel, dtype), result in zip(wave, wait_all(sessions[:len(wave)], timeout)):
-                    state = f"{result.value:.0f} s" if result.ok else f"failed: {result.error}"
-                    log(f"[warm-up] {kernel} {dtype}: {state}")
+            pending, running = list(jobs), {}
+            while pending or running:
+                for session in sessions:
+                    if session not in running and pending and session.dead is None:
+                        kernel, dtype, variant = job = pending.pop(0)
+                        session.submit("kernel_lab.warmup:compile_kernel", {
+                            "kernel": kernel, "dtype": dtype, "program": program, "variant": variant})
+                        running[session] = (job, session._call_start + timeout)
+                for session, (job, deadline) in list(running.items()):
+                    result = session._poll(deadline)
+                    if result is not None:
+                        del running[session]
+                        state = f"{result.value:.0f} s" if result.ok else f"failed: {result.error}"
+                        name = " ".join(str(part) for part in job if part is not None)
+                        log(f"[warm-up] {name}: {state} ({len(pending)} to start)")
+                if running and not any(s not in running and s.dead is None for s in sessions):
+                    time.sleep(0.2)
+                if pending and not running and all(s.dead is not None for s in sessions):
+                    log(f"[warm-up] every child failed; {len(pending)} jobs not run")
+                    break
         finally:
             for session in sessions:
                 session.close()

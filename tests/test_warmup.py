@@ -25,3 +25,17 @@ def test_run_on_the_cpu_only_writes_the_marker(tmp_path, monkeypatch):
     summary = warmup.run(log=lambda line: None)
     assert summary["device"] == "cpu" and warmup.is_warm()
     assert warmup.run()["skipped"]
+
+
+def test_variants_cover_every_base_of_stage_1():
+    assert warmup.variants("rms_norm") == [None]
+    assert len(warmup.variants("lora_linear")) == 6 and len(warmup.variants("linear_cross_entropy")) == 4
+
+
+def test_the_queue_runs_every_job_over_fewer_children(tmp_path):
+    jobs = [("lora_linear", "float32", (5, 32)), ("swiglu", "float32", None), ("rms_norm", "float32", None)]
+    lines = []
+    warmup._compile(jobs, None, 2, tmp_path, 600, lines.append)
+    done = [line for line in lines if line.endswith("to start)")]
+    assert len(done) == 3 and not [line for line in done if "failed" in line], lines
+    assert any(line.startswith("[warm-up] lora_linear float32 (5, 32):") for line in done)
