@@ -2,7 +2,7 @@
 # The GPU evidence of issues 10 and 11, one section at a time (after ../shared/device's install):
 #   bash benchmarks/gpu_session.sh OUT SECTION...
 # Sections: fresh (on a new machine: `evaluator.py --warmup`, then the starting, optimized and stock
-# programs' full evaluations), evals (each program's full evaluation, cold then warm), repeat (stage 3 stock vs stock and
+# programs' full evaluations), warm (those evaluations alone), evals (each program's full evaluation, cold then warm), repeat (stage 3 stock vs stock and
 # the optimized program, 3 evaluations each), legit (the legit corpus on CUDA), table (the
 # benchmark table), variants (micro vs macro ordering), profiles (step profiles). Each writes logs
 # and JSON under OUT/<section>/. "Cold": MLX's kernel cache (MLX_PTX_CACHE_DIR) and the CUDA
@@ -14,13 +14,13 @@ stamp() { echo "[$(date +%H:%M:%S)] $*"; }
 for section in "$@"; do
   mkdir -p "$out/$section"; cd "$(dirname "$0")/.." || exit 1
   case $section in
-  fresh)  # a new machine: the warm-up (cold), then evaluations on the warm machine
+  fresh|warm)  # fresh: a new machine's warm-up (cold), then evaluations; warm: the evaluations alone
     run() { local name=$1; shift; stamp "$name"; local start=$(date +%s)
       KERNEL_LAB_REPORT_DIR=$out/$section "$@" > $out/$section/$name.log 2>&1
       echo "wall $(( $(date +%s) - start )) s" | tee -a $out/$section/$name.log
       grep -E "^(combined_score|micro_score|macro_score|training_speedup|memory_ratio|stage[123]_seconds|warmup_seconds|warm-up done|error)" \
         $out/$section/$name.log | cut -c1-400 | tr '\n' ' '; echo; }
-    run warmup env KERNEL_LAB_SEED=1 python evaluator.py --warmup
+    [ $section = fresh ] && run warmup env KERNEL_LAB_SEED=1 python evaluator.py --warmup
     run initial_warm python evaluator.py initial_program.py --seed 1 --json
     run optimized_new python evaluator.py examples/optimized_program.py --seed 1 --json
     run optimized_warm python evaluator.py examples/optimized_program.py --seed 1 --json
