@@ -137,13 +137,13 @@ class FakeWorker:
                 "patch_report_text": None if self.side == "stock" else "Kernel patch report"}
 
 
-def test_tf32_off_is_a_budget_choice():
-    """... unless a budget asks for true float32 (then every side gets MLX_ENABLE_TF32=0)."""
+def test_tf32_is_a_budget_choice():
+    """... unless a budget lets CUDA use TF32 (then no side gets MLX_ENABLE_TF32)."""
     box = FakeSandbox(tps={"stock": [100, 100, 100], "a": [100, 100, 100]},
                       peak={"stock": [2e9] * 3, "a": [2e9] * 3})
-    benchmark.compare_sides(["/x/a.py"], dict(budgets.BUDGETS["cpu"], tf32=False), models=["m"],
+    benchmark.compare_sides(["/x/a.py"], dict(budgets.BUDGETS["cpu"], tf32=True), models=["m"],
                             fine_tune_types=("lora",), sandbox=box, log=lambda m: None, windows=3)
-    assert [s.options["env"] for s in box.sessions] == [{"MLX_ENABLE_TF32": "0"}] * 2
+    assert [s.options["env"] for s in box.sessions] == [{}] * 2
 
 
 def _calls(box, function):
@@ -157,8 +157,8 @@ def test_sides_load_and_prepare_together_and_windows_rotate():
                                            fine_tune_types=("lora", "dora"), sandbox=box,
                                            log=lambda m: None, windows=3)
     assert box.locked and box.closed == 3 and result["error"] is None
-    # MLX's default TF32 setting, as users train: no MLX_ENABLE_TF32 for the workers...
-    assert [s.options["env"] for s in box.sessions] == [{}] * 3
+    # true float32 for the gradient check: MLX_ENABLE_TF32=0 for every worker...
+    assert [s.options["env"] for s in box.sessions] == [{"MLX_ENABLE_TF32": "0"}] * 3
     functions = [f for _, f, _ in box.log]
     assert functions[:4] == ["hello", "load", "load", "load"]  # every side loads at the same time
     assert _calls(box, "load") == ["stock", "a", "b"]
