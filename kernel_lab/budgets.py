@@ -16,6 +16,9 @@ A budget's entries:
   learning_rate   Adam's, as mlx_lm.lora
   grad_check      check a program's LoRA/DoRA gradients against stock's before training
   grad_batches    batches (of the timed shape) the gradient check runs on
+  grad_rows       rows of each of those batches it uses (None: all), as long as the timed ones:
+                  the float32 check of three sides at once at 8 x 1024 tokens of Qwen's 152k
+                  vocabulary ran out of an H200's 139 GB (benchmarks/h200-2026-11-22b)
   grad_check_compute  check the gradients in the model's own dtype too (bfloat16 on a GPU), with
                   looser limits (kernel_lab.gradcheck.COMPUTE_LIMITS); it catches a kernel whose
                   gradients are wrong in that dtype only, at the cost of a second pass
@@ -35,7 +38,7 @@ A budget's entries:
 
 _COMMON = dict(rank=8, scale=20.0, learning_rate=1e-5, grad_check=True, grad_check_compute=False,
                dtype=None,
-               max_chars=1500, preload=True, tf32=False, load_timeout=300.0,
+               max_chars=1500, preload=True, tf32=False, grad_rows=None, load_timeout=300.0,
                prepare_timeout=900.0)
 
 TWO_MODELS = "smollm2-135m-q4,qwen2.5-coder-0.5b-q4"  # vocabularies of 49k and 152k
@@ -53,7 +56,7 @@ BUDGETS = {
     # The benchmark table (`python -m kernel_lab.benchmark --budget table`): 8 rows of 1024 tokens,
     # bfloat16, all blocks, 6 measured windows of 5 steps a side.
     "table": dict(_COMMON, models=TWO_MODELS, num_layers=-1, batch_size=8, seq_len=1023, window_steps=5,
-                  warmup_windows=1, windows=6, grad_batches=2, dtype="bfloat16", max_chars=6000,
+                  warmup_windows=1, windows=6, grad_batches=2, grad_rows=4, dtype="bfloat16", max_chars=6000,
                   window_timeout=120.0),
 }
 
@@ -89,7 +92,7 @@ def check_budget(budget):
 def parse_options(text):
     """'batch_size=8,seq_len=512,tf32=1' -> typed budget overrides (types of the gpu budget)."""
     types = {k: type(v) for k, v in BUDGETS["gpu"].items() if v is not None}
-    types.update(dtype=str)
+    types.update(dtype=str, grad_rows=int)
     options = {}
     for item in filter(None, (part.strip() for part in (text or "").split(","))):
         key, sep, raw = item.partition("=")

@@ -95,7 +95,7 @@ def compare_model(comp, model, programs, fine_tune_types, *, seed=0, data=None, 
             break
         prepare = {k: budget[k] for k in ("num_layers", "rank", "scale", "learning_rate",
                                           "window_steps", "warmup_windows", "windows",
-                                          "grad_check", "grad_batches", "grad_check_compute")}
+                                          "grad_check", "grad_batches", "grad_rows", "grad_check_compute")}
         prepared = comp.together({(model, n): ("prepare", dict(prepare, fine_tune_type=ftt, seed=seed))
                                   for n in alive}, budget["prepare_timeout"])
         for name in list(alive):

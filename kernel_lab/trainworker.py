@@ -72,13 +72,13 @@ def load(model, program=None, *, dtype=None, data=None, max_chars=1500, batch_si
 
 def prepare(fine_tune_type="lora", *, num_layers=2, rank=8, scale=20.0, learning_rate=1e-5,
             window_steps=2, warmup_windows=1, windows=2, grad_check=True, grad_batches=2,
-            grad_check_compute=False, seed=0):
+            grad_rows=None, grad_check_compute=False, seed=0):
     """Gradient check (for a program), conversion, then train() (which patches the kernels in)
     until the end of the warm-up windows. {"ok", "warmup": [reports], "grad_check", "seconds"}."""
     tic = time.perf_counter()
     _STATE["run"] = None  # nothing of an earlier fine-tune type's run may be taken for this one
     info = _in_mlx(_setup, fine_tune_type=fine_tune_type, num_layers=num_layers, rank=rank,
-                   scale=scale, grad_check=grad_check, grad_batches=grad_batches,
+                   scale=scale, grad_check=grad_check, grad_batches=grad_batches, grad_rows=grad_rows,
                    grad_check_compute=grad_check_compute, seed=seed)
     if not info["ok"]:
         return {**info, "seconds": time.perf_counter() - tic}
@@ -190,8 +190,8 @@ def _load(model, program, dtype, data, max_chars, batch_size, seq_len, steps, se
             "batch_shape": list(batches[0][0].shape), **_hello()}
 
 
-def _setup(fine_tune_type, num_layers, rank, scale, grad_check, grad_batches, grad_check_compute,
-           seed):
+def _setup(fine_tune_type, num_layers, rank, scale, grad_check, grad_batches, grad_rows,
+           grad_check_compute, seed):
     import mlx.core as mx
 
     from .training import convert_to_lora
@@ -202,7 +202,9 @@ def _setup(fine_tune_type, num_layers, rank, scale, grad_check, grad_batches, gr
     if kernels is not None and grad_check:
         from .gradcheck import check_gradients
 
-        check = check_gradients(model, kernels, _STATE["batches"][:grad_batches],
+        # the first grad_rows rows of each batch (all when None): as long as timed, fewer rows
+        batches = [tuple(part[:grad_rows] for part in batch) for batch in _STATE["batches"][:grad_batches]]
+        check = check_gradients(model, kernels, batches,
                                 fine_tune_type=fine_tune_type, num_layers=num_layers, rank=rank,
                                 scale=scale, seed=seed + 7, compute_dtype=grad_check_compute)
         info["grad_check"] = check

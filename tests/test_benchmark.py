@@ -283,3 +283,8 @@ def test_the_evaluators_stage3_folds_the_scores(fail, monkeypatch):
     assert metrics["combined_score"] == pytest.approx(score.combined_score(1.2, macro))
     assert metrics["grad_rel_err_max"] == 2e-3 and "per window: 1.100 1.210" in artifacts["fine_tuning"]
 
+
+
+def test_grad_rows_is_an_option_and_the_table_checks_four_rows():
+    assert budgets.parse_options("grad_rows=2") == {"grad_rows": 2}
+    assert budgets.BUDGETS["table"]["grad_rows"] == 4 and budgets.BUDGETS["gpu"]["grad_rows"] is None
