@@ -210,7 +210,7 @@ def evaluate_stage3(program_path, **overrides):
     if error and not macro.get("error"):
         macro["error"] = f"stage 3: {error}"
     metrics = {**macro.get("metrics", {}), "micro_score": micro}
-    artifacts = {"seed": str(seed), **(macro.get("artifacts") or {})}
+    artifacts = {"stage": "3 (fine-tuning)", "seed": str(seed), **(macro.get("artifacts") or {})}
     if macro.get("error"):
         artifacts["error"] = macro["error"]
         return _result({**metrics, "combined_score": 0.0}, artifacts)
