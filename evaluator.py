@@ -43,7 +43,7 @@ class Settings:
     seed: int = None  # None: a fresh random seed per evaluation (reported in the artifacts)
     shape_set: str = "default"  # correctness cases (kernel_lab.shapes)
     dtypes: str = "float32,bfloat16,float16"  # correctness dtypes
-    names: str = ""  # comma-separated kernels to evaluate ("" = all seven)
+    names: str = ""  # comma-separated kernels to evaluate ("" = all eight)
     stage1_timeout: float = 900.0  # seconds, the child of stage 1 (a cold GPU compiles for minutes)
     stage2_timeout: float = 900.0  # seconds for stage 2's workers (each call has its own limit too)
     lock_timeout: float = 600.0  # seconds to wait for another evaluation's timing to finish

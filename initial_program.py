@@ -1,7 +1,7 @@
-"""The starting program that OpenEvolve evolves: seven MLX fine-tuning kernels.
+"""The starting program that OpenEvolve evolves: eight MLX fine-tuning kernels.
 
 Everything between EVOLVE-BLOCK-START and EVOLVE-BLOCK-END may be rewritten by the
-search; the seven public functions must keep their signatures and semantics (see
+search; the eight public functions must keep their signatures and semantics (see
 kernel_lab/contract.py): every candidate is checked against a float64 oracle
 (values and gradients, three dtypes, adversarial inputs) before it is timed against
 the kernels MLX and mlx-lm ship (mx.fast.*, nn.losses.cross_entropy, LoRALinear,

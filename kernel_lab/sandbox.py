@@ -21,16 +21,15 @@ Isolation, and its limits:
   not against a determined attacker (use a container or VM for that).
 
 `device_lock()` is a cross-process lock (fcntl.flock) that timing phases take so that two candidates
-are never timed on one device at the same time.
+are never timed on one device at the same time. The process plumbing (trees, kills, pipes, why a
+child ended) is in kernel_lab/childproc.py.
 """
 
 import contextlib
 import json
 import os
-import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,8 +40,12 @@ from pathlib import Path
 
 import psutil
 
+from .childproc import (  # noqa: F401  (stuck_location is part of this module's API)
+    _clip_text, _drain, _echo_new, _exit_error, _format_bytes, _kill_group,
+    _kill_leftovers, _parse_messages, _process_tree, _tree_rss, stuck_location,
+)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-OUTPUT_KEEP_BYTES = 4096  # head and tail of stdout/stderr kept in a TaskResult (each)
 OUTPUT_LIMIT_BYTES = 64 * 2**20  # a child writing more than this to stdout or stderr is killed
 POLL_SECONDS = 0.05
 
@@ -110,87 +113,6 @@ def device_lock(name="device", timeout=None):
             yield lock_path
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _format_bytes(n):
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
-def _clip_text(data, keep=OUTPUT_KEEP_BYTES):
-    """Head and tail of captured output, decoded leniently."""
-    if len(data) > 2 * keep:
-        skipped = len(data) - 2 * keep
-        data = data[:keep] + f"\n[... {skipped} bytes cut ...]\n".encode() + data[-keep:]
-    return data.decode("utf-8", errors="replace")
-
-
-def _process_tree(pid):
-    try:
-        root = psutil.Process(pid)
-        return [root] + root.children(recursive=True)
-    except psutil.Error:
-        return []
-
-
-def _tree_rss(processes):
-    total = 0
-    for proc in processes:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
-def _kill_group(proc, known_descendants, grace):
-    """SIGTERM the child's process group, wait `grace` s, then SIGKILL it and any stray descendant."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    _kill_leftovers(proc, known_descendants)
-    proc.wait()
-
-
-def _kill_leftovers(proc, known_descendants):
-    """SIGKILL the process group and descendants seen earlier (some may have left the group)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for child in known_descendants:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-
-
-_STACK_LINE = re.compile(r'File "([^"]+)", line (\d+) in (\S+)')
-
-
-def stuck_location(stderr_text):
-    """From a faulthandler dump (most recent call first), the first frame outside the harness."""
-    frames = _STACK_LINE.findall(stderr_text or "")
-    harness = str(REPO_ROOT / "kernel_lab")
-    prefixes = {sys.prefix, sys.base_prefix}
-    for filename, line, func in frames:
-        if filename.startswith(harness) or filename == str(REPO_ROOT / "evaluator.py") \
-                or any(filename.startswith(p) for p in prefixes):
-            continue
-        return f"{Path(filename).name}:{line} in {func}"
-    if frames:
-        filename, line, func = frames[0]
-        return f"{Path(filename).name}:{line} in {func}"
-    return None
-
-
-def _signal_name(number):
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
 
 
 def ptx_cache_dir():
@@ -408,17 +330,6 @@ def wait_all(sessions, timeout):
     return [results[id(s)] for s in sessions]
 
 
-def _exit_error(returncode, raw, full_stderr):
-    """Why a child ended without a result for the running call."""
-    if returncode is not None and returncode < 0:
-        error = f"killed by signal {_signal_name(-returncode)}"
-        where = stuck_location(full_stderr.decode("utf-8", errors="replace"))
-        return error + (f" (at {where})" if where else "")
-    if returncode == 0 and raw:
-        return "exited without a valid result (the result channel was tampered with)"
-    return f"exited with status {returncode} without a result (sys.exit / os._exit in the candidate)"
-
-
 def run_task(target, kwargs=None, *, timeout, memory_limit=None, cwd=None, env=None,
              address_space_limit=None, grace=3.0, echo_stderr=False, python=None):
     """Call `target` ("package.module:function") with `kwargs` in a fresh child process.
@@ -443,35 +354,3 @@ def run_task(target, kwargs=None, *, timeout, memory_limit=None, cwd=None, env=N
     if result.returncode is None:
         result.returncode = session.proc.returncode
     return result
-
-
-def _drain(fd, chunks):
-    with os.fdopen(fd, "rb") as pipe:
-        while True:
-            data = pipe.read1(65536) if hasattr(pipe, "read1") else pipe.read(65536)
-            if not data:
-                return
-            chunks.append(data)
-
-
-def _echo_new(path, offset):
-    with open(path, "rb") as handle:
-        handle.seek(offset)
-        data = handle.read(1 << 20)
-    if data:
-        sys.stderr.write(data.decode("utf-8", errors="replace"))
-        sys.stderr.flush()
-    return offset + len(data)
-
-
-def _parse_messages(raw, nonce):
-    """The worker's messages: JSON lines carrying our nonce (anything else is ignored)."""
-    found = []
-    for line in raw.decode("utf-8", errors="replace").splitlines():
-        try:
-            message = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(message, dict) and message.get("nonce") == nonce:
-            found.append(message)
-    return found
