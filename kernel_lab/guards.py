@@ -125,6 +125,7 @@ WATCHED_WHEN_LOADED = (
     "mlx_lm.models.base",
     "kernel_lab.training",
     "kernel_lab.patching",
+    "kernel_lab.loss_patch",
     "kernel_lab.gradcheck",
     "kernel_lab.trainworker",
     "kernel_lab.diagnose",
