@@ -32,7 +32,8 @@ import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
-from kernel_lab.patching import _head_of, apply_kernels  # noqa: E402
+from kernel_lab.loss_patch import _head_of  # noqa: E402
+from kernel_lab.patching import apply_kernels  # noqa: E402
 from kernel_lab.training import convert_to_lora, resolve_kernels  # noqa: E402
 
 MB = 2**20
