@@ -5,9 +5,10 @@ MLX_PTX_CACHE_DIR (kernel_lab.sandbox.ptx_cache_dir). Stage 1 checks every kerne
 with 4/5/8-bit bases and group sizes 32/64, and every such quantized matmul is a kernel of its own:
 measured on an H200, stage 1 of a cold machine ran past 900 s, 10-40 s per new LoRA/DoRA case.
 `run()` does that compiling once, spread over the machine's cores: a queue of jobs, one per
-(kernel, dtype, bits x group size), longest first, served by one child per core, each checking stock's
-and the starting program's kernels on stage 1's cases into its private cache folder (MLX writes its cache files in place, so children that
-compile the same kernel must not share a folder), then merged into the shared one, each .ptx last
+(kernel, dtype, bits x group size), longest first, served by one child per core, each checking
+stock's and the starting program's kernels on stage 1's cases into its private cache folder (MLX
+writes its cache files in place, so children that compile the same kernel must not share a
+folder), then merged into the shared one, each .ptx last
 (MLX takes a .ptx as the sign that its .txt is complete). A marker file says it is done; on the CPU
 there is nothing to compile and the marker is written at once.
 """
@@ -149,7 +150,7 @@ def _compile(jobs, program, parallel, shared, timeout, log):
                         state = f"{result.value:.0f} s" if result.ok else f"failed: {result.error}"
                         name = " ".join(str(part) for part in job if part is not None)
                         log(f"[warm-up] {name}: {state} ({len(pending)} to start)")
-                if running and not any(s not in running and s.dead is None for s in sessions):
+                if running:
                     time.sleep(0.2)
                 if pending and not running and all(s.dead is not None for s in sessions):
                     log(f"[warm-up] every child failed; {len(pending)} jobs not run")
