@@ -19,7 +19,6 @@ crash or a timeout of its worker) fails the stage with the error naming kernel, 
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -27,15 +26,11 @@ from pathlib import Path
 
 from . import macrobench
 from .budgets import BUDGETS, parse_options
+from .score import geometric_mean
 
 CANDIDATE = "candidate"
 METRICS = ("training_speedup", "memory_ratio", "memory_reduction", "loss_rel_diff",
            "grad_cosine_min", "grad_rel_err_max")
-
-
-def _geomean(values):
-    values = list(values)
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
 
 
 def run_entry(run):
@@ -101,8 +96,8 @@ def run_macro(program, *, models=None, fine_tune_types=("lora", "dora"), budget=
               "loss_matches": bool(runs) and all(r.get("loss_matches", False) for r in runs)}
     measured = [r for r in runs if "training_speedup" in r]
     if measured:
-        result.update(training_speedup=_geomean(r["training_speedup"] for r in measured),
-                      memory_ratio=_geomean(r["memory_ratio"] for r in measured),
+        result.update(training_speedup=geometric_mean(r["training_speedup"] for r in measured),
+                      memory_ratio=geometric_mean(r["memory_ratio"] for r in measured),
                       loss_rel_diff=max(r["loss_rel_diff"] for r in measured))
         result["memory_reduction"] = 1.0 - 1.0 / result["memory_ratio"]
     checked = [r for r in runs if "grad_cosine_min" in r]

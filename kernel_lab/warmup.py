@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from .sandbox import Session, ptx_cache_dir
+from .stage1 import ENV as STAGE1_ENV  # compile as stage 1 runs: true float32
 
 MARKER = "kernel_lab-warmup.json"
 
@@ -112,7 +113,7 @@ def run(program=None, *, parallel=None, timeout=3600.0, log=print):
     if is_warm():
         return {"skipped": True, "cache": str(shared)}
     start = time.monotonic()
-    with Session(env={"MLX_ENABLE_TF32": "0"}) as probe:
+    with Session(env=STAGE1_ENV) as probe:
         where = probe.call("kernel_lab.warmup:device", timeout=600)
     if not where.ok:
         return {"error": f"warm-up: {where.error}"}
@@ -133,7 +134,7 @@ def _compile(jobs, program, parallel, shared, timeout, log):
     scratch = Path(tempfile.mkdtemp(prefix="kernel_lab_warmup_"))
     try:
         folders = [scratch / str(i) for i in range(parallel)]
-        sessions = [Session(env={"MLX_ENABLE_TF32": "0", "MLX_PTX_CACHE_DIR": str(f)}) for f in folders]
+        sessions = [Session(env={**STAGE1_ENV, "MLX_PTX_CACHE_DIR": str(f)}) for f in folders]
         try:
             pending, running = list(jobs), {}
             while pending or running:
