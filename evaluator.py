@@ -136,11 +136,14 @@ def evaluate_stage1(program_path, **overrides):
         return _failure(1, task.error, seed, task.seconds, task, {"correct_fraction": 0.0})
     results, failures = task.value["results"], task.value["failures"]
     combined, fraction = score.stage1_score([r["passed"] for r in results])
+    phases = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in stage1.phases(task).items())
     artifacts = {"stage": "1 (correctness)", "seed": str(seed), "correctness": task.value["table"],
-                 "stage1_setting": task.value["setting"]}
+                 "stage1_setting": task.value["setting"],
+                 "stage1_phases": f"{task.seconds:.1f} s: {phases}"}
     if failures:
         artifacts["error"] = "stage 1: " + "; ".join(failures)
-    _log(settings, artifacts["correctness"] + "\n" + artifacts["stage1_setting"])
+    _log(settings, artifacts["correctness"] + "\n" + artifacts["stage1_setting"]
+         + "\nstage 1 took " + artifacts["stage1_phases"])
     metrics = {"combined_score": combined, "correct_fraction": fraction, "stage1_seconds": task.seconds}
     if warm.get("seconds"):  # compiling MLX's kernels on a new machine: not charged to the program
         metrics["warmup_seconds"] = warm["seconds"]

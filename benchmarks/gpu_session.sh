@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU evidence of issues 10 and 11, one section at a time (after ../shared/device's install):
 #   bash benchmarks/gpu_session.sh OUT SECTION...
-# Sections: fresh (on a new machine: `evaluator.py --warmup`, then the starting, optimized and stock
-# programs' full evaluations), warm (those evaluations alone), evals (each program's full evaluation, cold then warm), repeat (stage 3 stock vs stock and
+# Sections: fresh (on a new machine: `evaluator.py --warmup`, then the optimized, stock and starting
+# programs' full evaluations), startup (where a child's start-up goes), noise (stage 3's spread over
+# 6 windows a side, every step's seconds in the JSON), warm (those evaluations alone), evals (each program's full evaluation, cold then warm), repeat (stage 3 stock vs stock and
 # the optimized program, 3 evaluations each), legit (the legit corpus on CUDA), table (the
 # benchmark table), variants (micro vs macro ordering), profiles (step profiles). Each writes logs
 # and JSON under OUT/<section>/. "Cold": MLX's kernel cache (MLX_PTX_CACHE_DIR) and the CUDA
@@ -21,10 +22,18 @@ for section in "$@"; do
       grep -E "^(combined_score|micro_score|macro_score|training_speedup|memory_ratio|stage[123]_seconds|warmup_seconds|warm-up done|error)" \
         $out/$section/$name.log | cut -c1-400 | tr '\n' ' '; echo; }
     [ $section = fresh ] && run warmup env KERNEL_LAB_SEED=1 python evaluator.py --warmup
-    run initial_warm python evaluator.py initial_program.py --seed 1 --json
     run optimized_new python evaluator.py examples/optimized_program.py --seed 1 --json
+    run stock_warm python evaluator.py examples/stock_program.py --seed 1 --json
     run optimized_warm python evaluator.py examples/optimized_program.py --seed 1 --json
-    run stock_warm python evaluator.py examples/stock_program.py --seed 1 --json ;;
+    run initial_warm python evaluator.py initial_program.py --seed 1 --json ;;
+  startup)  # where a child's start-up goes on this machine
+    stamp "start-up"; python benchmarks/startup.py --runs 2 2>&1 | tee $out/$section/startup.log ;;
+  noise)  # stage 3's spread with 6 windows a side; the JSON has every step's seconds
+    for p in examples/optimized_program.py none; do
+      n=$(basename $p .py); stamp "stage 3 of $p, 6 windows"
+      python -m kernel_lab.stage3 $p --budget gpu --repeat $([ $p = none ] && echo 2 || echo 3) \
+        --option windows=6 --json $out/$section/$n.json > $out/$section/$n.log 2>&1; tail -12 $out/$section/$n.log
+    done ;;
   evals)
     for p in initial_program.py examples/optimized_program.py examples/stock_program.py; do
       n=$(basename $p .py); caches=/tmp/gpu-caches/$n; rm -rf $caches; mkdir -p $caches/ptx $caches/cuda

@@ -108,13 +108,17 @@ def _exit_error(returncode, raw, full_stderr):
     return f"exited with status {returncode} without a result (sys.exit / os._exit in the candidate)"
 
 
-def _drain(fd, chunks):
+def _drain(fd, chunks, arrived=None):
+    """Read a child's result pipe into `chunks` until it closes; set `arrived` at each read."""
     with os.fdopen(fd, "rb") as pipe:
         while True:
             data = pipe.read1(65536) if hasattr(pipe, "read1") else pipe.read(65536)
+            if data:
+                chunks.append(data)
+            if arrived is not None:
+                arrived.set()
             if not data:
                 return
-            chunks.append(data)
 
 
 def _echo_new(path, offset):

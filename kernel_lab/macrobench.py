@@ -106,6 +106,8 @@ def compare_model(comp, model, programs, fine_tune_types, *, seed=0, data=None, 
                 alive.remove(name)
         comp.log(f"[stage 3] {model} {ftt}: prepared " + ", ".join(
             f"{n} {run['sides'][n]['prepare_seconds'] or 0:.1f} s"
+            + (f" (gradient check {run['sides'][n]['grad_check_seconds']:.1f} s)"
+               if run["sides"][n].get("grad_check_seconds") else "")
             + ("" if n not in run["errors"] else " (FAILED)") for n in run["sides"]))
         if STOCK_SIDE in alive and len(alive) > 1 and not (run["errors"] and stop_on_failure):
             _measure(comp, model, ftt, run, alive, stop_on_failure)
@@ -127,6 +129,7 @@ def _new_side(prepared):
     warm = prepared.get("warmup") or []
     return {"ok": bool(prepared.get("ok")), "grad_check": check or None,
             "prepare_seconds": prepared.get("seconds"),
+            "grad_check_seconds": prepared.get("grad_check_seconds"),
             "reports": list(warm), "tokens_per_second": [], "peak_memory": [],
             "wall_seconds": []}
 

@@ -47,7 +47,8 @@ from .childproc import (  # noqa: F401  (stuck_location is part of this module's
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OUTPUT_LIMIT_BYTES = 64 * 2**20  # a child writing more than this to stdout or stderr is killed
-POLL_SECONDS = 0.05
+POLL_SECONDS = 0.05  # the watchdog's round (memory, output, deadlines); results wake it at once
+_ARRIVED = threading.Event()  # set by any session's pipe reader: a result (or an exit) came in
 
 
 @dataclass
@@ -174,7 +175,8 @@ class Session:
         finally:
             os.close(write_fd)
         self._chunks = []
-        self._reader = threading.Thread(target=_drain, args=(read_fd, self._chunks), daemon=True)
+        self._reader = threading.Thread(target=_drain, args=(read_fd, self._chunks, _ARRIVED),
+                                        daemon=True)
         self._reader.start()
         self._send({"nonce": self.nonce, "address_space_limit": address_space_limit,
                     "parent_pid": os.getpid()})
@@ -320,13 +322,14 @@ def wait_all(sessions, timeout):
     deadlines = {id(s): s._call_start + timeout for s in sessions}
     results = {}
     while len(results) < len(sessions):
+        _ARRIVED.clear()  # cleared before polling: a result that comes in after the poll wakes the wait
         for session in sessions:
             if id(session) not in results:
                 result = session._poll(deadlines[id(session)])
                 if result is not None:
                     results[id(session)] = result
         if len(results) < len(sessions):
-            time.sleep(POLL_SECONDS)
+            _ARRIVED.wait(POLL_SECONDS)
     return [results[id(s)] for s in sessions]
 
 
@@ -344,11 +347,13 @@ def run_task(target, kwargs=None, *, timeout, memory_limit=None, cwd=None, env=N
         raise ValueError(f"target must be 'package.module:function', got {target!r}")
     if timeout is None or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    spawned = time.monotonic()
     session = Session(memory_limit=memory_limit, cwd=cwd, env=env,
                       address_space_limit=address_space_limit, grace=grace,
                       echo_stderr=echo_stderr, python=python)
     try:
         result = session.call(target, kwargs, timeout=timeout)
+        result.seconds = time.monotonic() - spawned  # the child's start-up included
     finally:
         session.close()  # also kills grandchildren the code left running
     if result.returncode is None:

@@ -99,7 +99,8 @@ def prepare(fine_tune_type="lora", *, num_layers=2, rank=8, scale=20.0, learning
 
 def window():
     """Let train() run one window; {"ok", mlx-lm's report: "tokens_per_second", "train_loss",
-    "iteration", ...; "peak_memory" (bytes, reset at the window start), "wall_seconds"}."""
+    "iteration", ...; "peak_memory" (bytes, reset at the window start), "wall_seconds",
+    "step_seconds" (each step, from taking its batch to taking the next or the report)}."""
     run = _STATE.get("run")
     if not run or not run["running"] or not run.get("paused"):
         return {"ok": False, "error": "no training is paused here (prepare first)"}
@@ -204,10 +205,12 @@ def _setup(fine_tune_type, num_layers, rank, scale, grad_check, grad_batches, gr
 
         # the first grad_rows rows of each batch (all when None): as long as timed, fewer rows
         batches = [tuple(part[:grad_rows] for part in batch) for batch in _STATE["batches"][:grad_batches]]
+        tic = time.perf_counter()
         check = check_gradients(model, kernels, batches,
                                 fine_tune_type=fine_tune_type, num_layers=num_layers, rank=rank,
                                 scale=scale, seed=seed + 7, compute_dtype=grad_check_compute)
         info["grad_check"] = check
+        info["grad_check_seconds"] = time.perf_counter() - tic
         if not check["ok"]:
             return {**info, "ok": False, "error_kind": "gradients", "error": check["error"],
                     "kernel": check.get("kernel")}
@@ -225,17 +228,23 @@ def _train(learning_rate, iters, window_steps, seed):
 
     batches, run = _STATE["batches"], _STATE["run"]
     clock = {"start": time.perf_counter()}
+    fetched = []  # when train() took each batch: a step lasts until it takes the next one
 
     def iterate(dataset=None, batch_size=None, max_seq_length=None, loop=False, seed=None,
                 comm_group=None):
         while True:
-            yield from batches
+            for batch in batches:
+                fetched.append(time.perf_counter())
+                yield batch
             if not loop:
                 return
 
     def on_report(info):
+        now = time.perf_counter()
+        marks = fetched[-window_steps:] + [now]  # the window's steps end here, before the pause
         report = {"ok": True, **info, "peak_memory": mx.get_peak_memory(),
-                  "wall_seconds": time.perf_counter() - clock["start"]}
+                  "wall_seconds": now - clock["start"],
+                  "step_seconds": [b - a for a, b in zip(marks, marks[1:])]}
         pause = run["pause_from"] <= info["iteration"] < run["iters"]
         run["paused"] = pause  # set before the report goes out: the coordinator may answer at once
         _EVENTS.put(("report", report))

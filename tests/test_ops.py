@@ -140,6 +140,22 @@ def test_stock_dora_is_mlx_lm_dora_linear(dtype):
         assert max_diff(g, module_grads[name]) <= 1e-6 * max(1.0, mx.abs(g).max().item()), name
 
 
+def test_stock_swiglu_is_mlx_lm_swiglu_without_importing_mlx_lm_in_children():
+    from mlx_lm.models import activations
+
+    gate, up = mx.random.normal((3, 70)), mx.random.normal((3, 70))
+    assert mx.array_equal(STOCK.swiglu(gate, up), activations.swiglu(gate, up))
+    # Checking and timing children import the ops but not mlx_lm (transformers, torch: seconds).
+    import subprocess
+    import sys
+
+    code = ("import sys, kernel_lab.correctness, kernel_lab.microbench, kernel_lab.stage1; "
+            "print(sorted(m for m in ('mlx_lm', 'transformers', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
+
+
 def test_stock_linear_cross_entropy_is_quantized_lm_head_plus_mlx_loss():
     case = shapes.correctness_cases("linear_cross_entropy")[0]
     args, kwargs, _ = shapes.make_inputs("linear_cross_entropy", case, "float32", seed=5)
