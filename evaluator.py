@@ -139,7 +139,9 @@ def evaluate_stage1(program_path, **overrides):
     phases = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in stage1.phases(task).items())
     artifacts = {"stage": "1 (correctness)", "seed": str(seed), "correctness": task.value["table"],
                  "stage1_setting": task.value["setting"],
-                 "stage1_phases": f"{task.seconds:.1f} s: {phases}"}
+                 "stage1_phases": f"{task.seconds:.1f} s: {phases}"
+                 + (f" (the slowest of {task.value['children']} children checking at once)"
+                    if task.value.get("children", 1) > 1 else "")}
     if failures:
         artifacts["error"] = "stage 1: " + "; ".join(failures)
     _log(settings, artifacts["correctness"] + "\n" + artifacts["stage1_setting"]

@@ -5,7 +5,8 @@
 Fine-tuning (kernel_lab.macrobench, the code path stage 3 uses): per model, one worker per side
 (stock mlx-lm, each program) loads the model once; LoRA then DoRA; all sides compile at the same
 time, then measured windows of fixed-shape batches alternate between the sides (order rotated).
-Per side: median tokens/s over windows (mlx-lm's count), median peak memory, the loss curve;
+Per side: median tokens/s over windows (mlx-lm's count of tokens, at each window's median step:
+macrobench.typical_rate), median peak memory, the loss curve;
 against stock: the median of the per-window-pair speedups, the gradient check of each program.
 A program "stock" is kernel_lab.ops.STOCK patched in, "none" is plain mlx-lm again (stock
 against stock: the noise floor). Micro: each kernel's forward+backward time and peak memory
@@ -63,11 +64,13 @@ def compare_sides(programs, budget=None, *, models=None, fine_tune_types=("lora"
                 rows.append(row)
                 continue
             reports = side["reports"]
-            row.update(tokens_per_second=statistics.median(side["tokens_per_second"]),
+            rates = side.get("typical_tokens_per_second") or side["tokens_per_second"]
+            row.update(tokens_per_second=statistics.median(rates),
                        peak_memory_gb=statistics.median(side["peak_memory"]) / 1e9,
                        final_loss=reports[-1]["train_loss"], losses=[r["train_loss"] for r in reports],
                        steps=[r["iteration"] for r in reports],
-                       tokens_per_second_runs=side["tokens_per_second"])
+                       tokens_per_second_runs=rates,
+                       mlx_lm_tokens_per_second_runs=side["tokens_per_second"])
             if name != "stock" and stock_ok:
                 pair = macrobench.pair_metrics(stock, side)
                 row.update(speedup=pair["training_speedup"], speedups=pair["speedups"],

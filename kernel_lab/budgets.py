@@ -48,11 +48,12 @@ BUDGETS = {
     # 1 warm-up step + 2 measured one-step windows a side, LoRA on the last 2 blocks.
     "cpu": dict(_COMMON, models="default", num_layers=2, batch_size=1, seq_len=32, window_steps=1,
                 warmup_windows=1, windows=2, grad_batches=1, window_timeout=120.0),
-    # Stage 3 on Metal / CUDA (both models, LoRA and DoRA, ~70-80 s on a warm H200): all blocks,
-    # bfloat16, 4 rows of 1024 tokens (1023 inputs each); 3 measured windows of 4 steps a side (~0.7 s for
-    # SmolLM2 at ~25k tokens/s, ~1.1 s for Qwen2.5-0.5B at ~15k). Not yet timed on a GPU.
+    # Stage 3 on Metal / CUDA (both models, LoRA and DoRA): all blocks, bfloat16, 4 rows of 1024
+    # tokens (1023 inputs each); 6 measured windows of 4 steps a side (~0.4-0.9 s each on an H200).
+    # With 3 windows stage 3 took 49-59 s on a warm H200 and one window's rate could swing 25%
+    # (benchmarks/h200-2026-11-22c): 6 windows and each window at its median step.
     "gpu": dict(_COMMON, models=TWO_MODELS, num_layers=-1, batch_size=4, seq_len=1023, window_steps=4,
-                warmup_windows=1, windows=3, grad_batches=2, dtype="bfloat16", window_timeout=60.0),
+                warmup_windows=1, windows=6, grad_batches=2, dtype="bfloat16", window_timeout=60.0),
     # The benchmark table (`python -m kernel_lab.benchmark --budget table`): 8 rows of 1024 tokens,
     # bfloat16, all blocks, 6 measured windows of 5 steps a side.
     "table": dict(_COMMON, models=TWO_MODELS, num_layers=-1, batch_size=8, seq_len=1023, window_steps=5,

@@ -130,7 +130,8 @@ def _new_side(prepared):
     return {"ok": bool(prepared.get("ok")), "grad_check": check or None,
             "prepare_seconds": prepared.get("seconds"),
             "grad_check_seconds": prepared.get("grad_check_seconds"),
-            "reports": list(warm), "tokens_per_second": [], "peak_memory": [],
+            "reports": list(warm), "tokens_per_second": [], "typical_tokens_per_second": [],
+            "peak_memory": [],
             "wall_seconds": []}
 
 
@@ -153,6 +154,7 @@ def _measure(comp, model, ftt, run, alive, stop_on_failure):
             side = run["sides"][name]
             side["reports"].append(value)
             side["tokens_per_second"].append(value["tokens_per_second"])
+            side["typical_tokens_per_second"].append(typical_rate(value))
             side["peak_memory"].append(value["peak_memory"])
             side["wall_seconds"].append(value["wall_seconds"])
             comp.log(f"  {model} {ftt} window {w + 1}/{windows} {name:<20} "
@@ -228,10 +230,30 @@ def run_sides(programs, *, models=None, fine_tune_types=("lora", "dora"), budget
     return result
 
 
+def typical_rate(report):
+    """A window's tokens/s at its median step: mlx-lm's tokens/s (over the mean step) times mean /
+    median of the steps' seconds, so that one slow step (measured on an H200: 339 ms among steps of
+    110) does not swing the window; mlx-lm's own figure when the steps were not timed."""
+    steps = report.get("step_seconds") or []
+    if not steps or min(steps) <= 0:
+        return report["tokens_per_second"]
+    return report["tokens_per_second"] * statistics.fmean(steps) / statistics.median(steps)
+
+
+def _rates(stock, cand):
+    """The two sides' window rates to compare: at the median step where both have them."""
+    key = "typical_tokens_per_second"
+    if len(stock.get(key) or []) == len(stock["tokens_per_second"]) and \
+            len(cand.get(key) or []) == len(cand["tokens_per_second"]):
+        return stock[key], cand[key]
+    return stock["tokens_per_second"], cand["tokens_per_second"]
+
+
 def pair_metrics(stock, cand):
     """Candidate against stock over the same windows: speedup (median of the per-window-pair
-    ratios), memory (median peaks), loss difference per report, gradient check numbers."""
-    pairs = list(zip(stock["tokens_per_second"], cand["tokens_per_second"]))
+    ratios of the windows' rates at their median step), memory (median peaks), loss difference
+    per report, gradient check numbers."""
+    pairs = list(zip(*_rates(stock, cand)))
     metrics = {}
     if pairs:
         speedups = [c / s for s, c in pairs]

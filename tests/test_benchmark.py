@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel_lab import benchmark, budgets, stage3
+from kernel_lab import benchmark, budgets, macrobench, stage3
 from kernel_lab.models import registry
 from kernel_lab.models.cache import CONVERTER_VERSION, MARKER
 from kernel_lab.sandbox import TaskResult
@@ -108,7 +108,7 @@ class FakeWorker:
         return TaskResult(ok=True, value=getattr(self, function)(**kwargs))
 
     def report(self, iteration, w=None):
-        losses = self.box.loss.get(self.side, [2.0, 1.9, 1.8, 1.7, 1.6, 1.5])
+        losses = self.box.loss.get(self.side, [2.0 - 0.1 * i for i in range(12)])
         tps = self.box.tps[self.side][w] if w is not None else 1.0
         peak = self.box.peak.get(self.side, [1e9] * 9)[w] if w is not None else 5e9
         return {"ok": True, "iteration": iteration, "train_loss": losses[iteration // self.w - 1],
@@ -218,7 +218,8 @@ def test_a_crash_in_a_measured_window_names_the_window():
 
 
 def test_the_workers_device_chooses_the_budget():
-    box = FakeSandbox(tps={"stock": [1.0] * 3, "none": [1.0] * 3}, gpu=True)
+    windows = budgets.BUDGETS["gpu"]["windows"]
+    box = FakeSandbox(tps={"stock": [1.0] * windows, "none": [1.0] * windows}, gpu=True)
     result = stage3.run_macro("none", models=["m"], fine_tune_types=("lora",), sandbox=box,
                               log=lambda m: None)
     assert result["ok"] and result["budget"]["name"] == "gpu"
@@ -288,3 +289,19 @@ def test_the_evaluators_stage3_folds_the_scores(fail, monkeypatch):
 def test_grad_rows_is_an_option_and_the_table_checks_four_rows():
     assert budgets.parse_options("grad_rows=2") == {"grad_rows": 2}
     assert budgets.BUDGETS["table"]["grad_rows"] == 4 and budgets.BUDGETS["gpu"]["grad_rows"] is None
+
+
+def test_a_window_is_rated_at_its_median_step():
+    """One slow step (as measured on an H200: 339 ms among ~110) does not swing its window, while
+    mlx-lm's tokens count stays the measure; windows without step times keep mlx-lm's rate."""
+    steps = [0.110, 0.108, 0.112, 0.339]
+    report = {"tokens_per_second": 4 * 4092 / sum(steps), "step_seconds": steps}
+    assert macrobench.typical_rate(report) == pytest.approx(4092 / 0.111)
+    assert macrobench.typical_rate({"tokens_per_second": 7.0}) == 7.0
+    stock = {"tokens_per_second": [100.0, 100.0, 100.0], "typical_tokens_per_second": [100.0, 100.0, 100.0],
+             "peak_memory": [2e9] * 3, "reports": [{"train_loss": 1.0}] * 3}
+    cand = {"tokens_per_second": [80.0, 120.0, 120.0], "typical_tokens_per_second": [120.0, 120.0, 120.0],
+            "peak_memory": [1e9] * 3, "reports": [{"train_loss": 1.0}] * 3}
+    assert macrobench.pair_metrics(stock, cand)["speedups"] == pytest.approx([1.2] * 3)
+    cand.pop("typical_tokens_per_second")  # older records: mlx-lm's rates, pair by pair
+    assert macrobench.pair_metrics(stock, cand)["speedups"] == pytest.approx([0.8, 1.2, 1.2])
