@@ -64,7 +64,7 @@ def compare_sides(programs, budget=None, *, models=None, fine_tune_types=("lora"
                 rows.append(row)
                 continue
             reports = side["reports"]
-            rates = side.get("typical_tokens_per_second") or side["tokens_per_second"]
+            rates = macrobench.window_rates(side)
             row.update(tokens_per_second=statistics.median(rates),
                        peak_memory_gb=statistics.median(side["peak_memory"]) / 1e9,
                        final_loss=reports[-1]["train_loss"], losses=[r["train_loss"] for r in reports],

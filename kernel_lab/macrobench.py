@@ -240,20 +240,17 @@ def typical_rate(report):
     return report["tokens_per_second"] * statistics.fmean(steps) / statistics.median(steps)
 
 
-def _rates(stock, cand):
-    """The two sides' window rates to compare: at the median step where both have them."""
-    key = "typical_tokens_per_second"
-    if len(stock.get(key) or []) == len(stock["tokens_per_second"]) and \
-            len(cand.get(key) or []) == len(cand["tokens_per_second"]):
-        return stock[key], cand[key]
-    return stock["tokens_per_second"], cand["tokens_per_second"]
+def window_rates(side):
+    """A side's measured windows' tokens/s: at their median step (typical_rate) where the worker
+    timed the steps, else mlx-lm's."""
+    return side.get("typical_tokens_per_second") or side["tokens_per_second"]
 
 
 def pair_metrics(stock, cand):
     """Candidate against stock over the same windows: speedup (median of the per-window-pair
     ratios of the windows' rates at their median step), memory (median peaks), loss difference
     per report, gradient check numbers."""
-    pairs = list(zip(*_rates(stock, cand)))
+    pairs = list(zip(window_rates(stock), window_rates(cand)))
     metrics = {}
     if pairs:
         speedups = [c / s for s, c in pairs]

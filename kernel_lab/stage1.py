@@ -76,10 +76,11 @@ def run(program, *, seed, shape_set="default", dtypes=("float32", "bfloat16", "f
     """`check` in sandboxed children, one per group, at the same time; one TaskResult: the first
     failed child's, else value {results (in `names` order), setting, phases, table, failures}."""
     names = list(KERNEL_NAMES if names is None else names)
-    spawned = time.monotonic()
-    sessions = [Session(memory_limit=memory_limit, env=ENV) for _ in groups(names)]
+    spawned, sessions = time.monotonic(), []
     try:
-        for session, group in zip(sessions, groups(names)):
+        for group in groups(names):
+            session = Session(memory_limit=memory_limit, env=ENV)
+            sessions.append(session)
             session.submit("kernel_lab.stage1:check", dict(program=str(program), seed=seed,
                                                            shape_set=shape_set, dtypes=list(dtypes),
                                                            names=group))
