@@ -5,7 +5,8 @@
 # programs' full evaluations), startup (where a child's start-up goes), noise (stage 3's spread over
 # 6 windows a side, every step's seconds in the JSON), warm (those evaluations alone), evals (each program's full evaluation, cold then warm), repeat (stage 3 stock vs stock and
 # the optimized program, 3 evaluations each), legit (the legit corpus on CUDA), table (the
-# benchmark table), variants (micro vs macro ordering), profiles (step profiles). Each writes logs
+# benchmark table), variants (micro vs macro ordering), profiles (step profiles), diagnose (GPU clocks
+# and host CPU beside one-step profiles in separate processes and 3 stage-3 evaluations). Each writes logs
 # and JSON under OUT/<section>/. "Cold": MLX's kernel cache (MLX_PTX_CACHE_DIR) and the CUDA
 # driver's (CUDA_CACHE_PATH) start empty, as on a new machine; "warm": the same caches again.
 set -u
@@ -70,13 +71,30 @@ for section in "$@"; do
       > $out/$section/benchmark.log 2>&1
     python benchmarks/micro_vs_macro.py analyze $out/$section/benchmark.json | tee $out/$section/analysis.txt ;;
   profiles)
-    for m in smollm2-135m-q4 qwen2.5-coder-0.5b-q4; do for t in lora dora; do
+    for m in ${PROFILE_MODELS:-smollm2-135m-q4 qwen2.5-coder-0.5b-q4}; do for t in lora dora; do
       for p in none examples/optimized_program.py; do
         stamp "profile $m $t $p"
         python benchmarks/profile_step.py --model $m --fine-tune-type $t --program $p --length 1023 \
           --json $out/$section/${m%%-*}_${t}_$(basename $p .py).json > $out/$section/${m%%-*}_${t}_$(basename $p .py).log 2>&1
         tail -22 $out/$section/${m%%-*}_${t}_$(basename $p .py).log
       done; done; done ;;
+  diagnose)  # where stage 3's spread between processes comes from: the GPU's clocks, the host's share
+    nvidia-smi -q > $out/$section/nvidia-smi-q.txt 2>&1; nvidia-smi topo -m > $out/$section/topo.txt 2>&1
+    lscpu > $out/$section/lscpu.txt 2>&1
+    reasons=clocks_event_reasons.active
+    nvidia-smi --query-gpu=$reasons --format=csv > /dev/null 2>&1 || reasons=clocks_throttle_reasons.active
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,$reasons \
+      --format=csv -lms 200 > $out/$section/smi.csv 2>&1 & sampler=$!
+    for i in 1 2 3; do for p in none examples/optimized_program.py; do  # one process each, in turn
+      n=$(basename $p .py); stamp "qwen lora step, $p, process $i"
+      python benchmarks/profile_step.py --model qwen2.5-coder-0.5b-q4 --fine-tune-type lora --program $p \
+        --batch 4 --length 1023 --steps 30 --no-parts --json $out/$section/step_${n}_$i.json \
+        > $out/$section/step_${n}_$i.log 2>&1; grep "^step" $out/$section/step_${n}_$i.log
+    done; done
+    stamp "stage 3 of examples/optimized_program.py, 3 evaluations"
+    python -m kernel_lab.stage3 examples/optimized_program.py --budget gpu --repeat 3 \
+      --json $out/$section/optimized.json > $out/$section/optimized.log 2>&1; tail -14 $out/$section/optimized.log
+    kill $sampler ;;
   *) echo "unknown section $section" ;;
   esac
   stamp "section $section done"

@@ -42,7 +42,8 @@ LAYER_PARTS = ("input_norm", "qkv_proj", "rope_qk", "attention", "o_proj", "post
 
 
 def measure(run, repeats, warmup=3, target_s=0.02):
-    """run() -> arrays to evaluate. (median ms, peak bytes above the active before, that active)."""
+    """run() -> arrays to evaluate. (median ms, peak bytes above the active before, that active,
+    {"ms": every sample, "cpu_share": process CPU time / wall time over the samples})."""
     for _ in range(warmup):
         mx.eval(run())
     mx.synchronize()
@@ -55,14 +56,16 @@ def measure(run, repeats, warmup=3, target_s=0.02):
     single = time.perf_counter() - tic
     peak = max(mx.get_peak_memory() - before, 0)
     calls = max(1, min(16, round(target_s / max(single, 1e-6))))  # queue short parts
-    samples = []
+    samples, cpu = [], time.process_time()
     for _ in range(repeats):
         tic = time.perf_counter()
         for _ in range(calls):
             mx.async_eval(run())
         mx.synchronize()
         samples.append((time.perf_counter() - tic) / calls)
-    return 1e3 * statistics.median(samples), peak, before
+    spread = {"ms": [1e3 * t for t in samples],
+              "cpu_share": (time.process_time() - cpu) / (sum(samples) * calls)}
+    return 1e3 * statistics.median(samples), peak, before, spread
 
 
 def build_step(model, loss_fn, optimizer):
@@ -80,7 +83,8 @@ def build_step(model, loss_fn, optimizer):
 
 
 def time_step(model, loss_fn, batch, lengths, steps, warmup):
-    """Median step ms, peak bytes, resident bytes (weights + Adam state + batch), last loss.
+    """Median step ms, peak bytes, resident bytes (weights + Adam state + batch), last loss, the
+    optimizer, every step's ms and the host's CPU share.
 
     The first warm-up step compiles and creates the Adam state; one step per sample."""
     warmup = max(warmup, 1)
@@ -92,8 +96,8 @@ def time_step(model, loss_fn, batch, lengths, steps, warmup):
         last[0], _ = step(batch, lengths)
         return [state, last[0]]
 
-    ms, transient, resident = measure(run, steps, warmup=warmup, target_s=0)
-    return ms, resident + transient, resident, last[0].item(), optimizer
+    ms, transient, resident, spread = measure(run, steps, warmup=warmup, target_s=0)
+    return ms, resident + transient, resident, last[0].item(), optimizer, spread
 
 
 def fwd_bwd(owners, call, inputs, seed=0):
@@ -204,17 +208,17 @@ def profile_parts(model, report, batch, lengths, optimizer, repeats, warmup, dty
     ]
     results = {}
     for name, count, owners, call, inputs in parts:
-        ms, peak, _ = measure(fwd_bwd(owners, call, inputs), repeats, warmup)
+        ms, peak, _, _ = measure(fwd_bwd(owners, call, inputs), repeats, warmup)
         results[name] = dict(count=count, ms=ms, peak_mb=peak / MB)
         mx.clear_cache()
     embed = mx.compile(lambda t: model.model.embed_tokens(t))  # forward only: frozen, no input grad
-    ms, peak, _ = measure(lambda: embed(batch[:, :-1]), repeats, warmup)
+    ms, peak, _, _ = measure(lambda: embed(batch[:, :-1]), repeats, warmup)
     results["embedding"] = dict(count=1, ms=ms, peak_mb=peak / MB)
     grads = tree_map(lambda p: 1e-3 * mx.random.normal(p.shape).astype(p.dtype),
                      model.trainable_parameters())
     state = [model.state, optimizer.state]
     update = mx.compile(lambda g: optimizer.update(model, g), inputs=state, outputs=state)
-    ms, peak, _ = measure(lambda: (update(grads), state)[1], repeats, warmup)
+    ms, peak, _, _ = measure(lambda: (update(grads), state)[1], repeats, warmup)
     results["adam_update"] = dict(count=1, ms=ms, peak_mb=peak / MB)
     return results, dict(B=B, L=L, D=D, heads=H, kv_heads=Hkv, head_dim=hd, intermediate=inter)
 
@@ -261,19 +265,21 @@ def main(argv=None):
     mx.eval(batch, lengths)
 
     load_s = time.perf_counter() - start
-    ms, peak, resident, loss, optimizer = time_step(model, loss_fn, batch, lengths, a.steps, a.warmup)
+    ms, peak, resident, loss, optimizer, spread = time_step(model, loss_fn, batch, lengths, a.steps,
+                                                            a.warmup)
     res = dict(model=a.model, fine_tune_type=a.fine_tune_type, program=a.program,
                device=str(mx.default_device()), dtype=str(dtype), batch=a.batch, length=a.length,
                layers=keep, layers_total=total_layers, steps=a.steps, load_s=load_s,
                patch=report.as_dict() if report else None,
                step=dict(ms=ms, tokens_per_s=a.batch * a.length / (ms / 1e3), loss=loss,
                          peak_mb=peak / MB, weights_mb=weights / MB, resident_mb=resident / MB,
-                         transient_mb=(peak - resident) / MB))
+                         transient_mb=(peak - resident) / MB, step_ms=spread["ms"],
+                         cpu_share=spread["cpu_share"]))
     layers = model.model.layers
     if keep >= 2:  # memory each layer keeps for the backward: the step with half the layers
         half = keep // 2
         model.model.layers = layers[keep - half:]
-        _, peak_h, resident_h, _, _ = time_step(model, loss_fn, batch, lengths, 1, a.warmup)
+        _, peak_h, resident_h, _, _, _ = time_step(model, loss_fn, batch, lengths, 1, a.warmup)
         model.model.layers = layers
         per_layer = ((peak - resident) - (peak_h - resident_h)) / (keep - half)
         res["memory"] = dict(per_layer_mb=per_layer / MB, half_layers=half,
@@ -304,8 +310,10 @@ def print_tables(res):
     if res["patch"]:
         print(f"patched {res['patch']['patched']} loss={res['patch']['loss']} "
               f"stock={len(res['patch']['stock'])}")
-    print(f"step {st['ms']:.2f} ms  {st['tokens_per_s']:,.0f} tok/s  loss {st['loss']:.4f}  "
-          f"peak {st['peak_mb']:.0f} MB = resident {st['resident_mb']:.0f} (weights "
+    ms = st.get("step_ms") or [st["ms"]]
+    print(f"step {st['ms']:.2f} ms (min {min(ms):.2f}, max {max(ms):.2f}, host CPU "
+          f"{st.get('cpu_share', 0):.0%} of wall)  {st['tokens_per_s']:,.0f} tok/s  "
+          f"loss {st['loss']:.4f}  peak {st['peak_mb']:.0f} MB = resident {st['resident_mb']:.0f} (weights "
           f"{st['weights_mb']:.0f}) + transient {st['transient_mb']:.0f}")
     mem, line = res.get("memory", {}), []
     if "per_layer_mb" in mem:

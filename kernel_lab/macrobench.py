@@ -159,7 +159,8 @@ def _measure(comp, model, ftt, run, alive, stop_on_failure):
             side["wall_seconds"].append(value["wall_seconds"])
             comp.log(f"  {model} {ftt} window {w + 1}/{windows} {name:<20} "
                      f"{value['tokens_per_second']:9.1f} tok/s {value['peak_memory'] / 1e9:7.3f} GB "
-                     f"loss {value['train_loss']:.4f} ({value['wall_seconds']:.2f} s)")
+                     f"loss {value['train_loss']:.4f} ({value['wall_seconds']:.2f} s, "
+                     f"cpu {value.get('cpu_seconds', 0):.2f} s)")
 
 
 def load_sides(comp, models, sides, *, seed=0, data=None):

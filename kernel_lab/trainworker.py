@@ -100,7 +100,9 @@ def prepare(fine_tune_type="lora", *, num_layers=2, rank=8, scale=20.0, learning
 def window():
     """Let train() run one window; {"ok", mlx-lm's report: "tokens_per_second", "train_loss",
     "iteration", ...; "peak_memory" (bytes, reset at the window start), "wall_seconds",
-    "step_seconds" (each step, from taking its batch to taking the next or the report)}."""
+    "step_seconds" (each step, from taking its batch to taking the next or the report),
+    "cpu_seconds" and "thread_cpu_seconds" (this process's, and the training thread's, CPU time in
+    the window: near wall_seconds when the host, not the device, sets the pace)}."""
     run = _STATE.get("run")
     if not run or not run["running"] or not run.get("paused"):
         return {"ok": False, "error": "no training is paused here (prepare first)"}
@@ -226,7 +228,7 @@ def _train(learning_rate, iters, window_steps, seed):
     from .training import run_training
 
     batches, run = _STATE["batches"], _STATE["run"]
-    clock = {"start": time.perf_counter()}
+    clock = {"start": time.perf_counter(), "cpu": time.process_time(), "thread": time.thread_time()}
     fetched = []  # when train() took each batch: a step lasts until it takes the next one
 
     def iterate(dataset=None, batch_size=None, max_seq_length=None, loop=False, seed=None,
@@ -243,7 +245,9 @@ def _train(learning_rate, iters, window_steps, seed):
         marks = fetched[-window_steps:] + [now]  # the window's steps end here, before the pause
         report = {"ok": True, **info, "peak_memory": mx.get_peak_memory(),
                   "wall_seconds": now - clock["start"],
-                  "step_seconds": [b - a for a, b in zip(marks, marks[1:])]}
+                  "step_seconds": [b - a for a, b in zip(marks, marks[1:])],
+                  "cpu_seconds": time.process_time() - clock["cpu"],
+                  "thread_cpu_seconds": time.thread_time() - clock["thread"]}
         pause = run["pause_from"] <= info["iteration"] < run["iters"]
         run["paused"] = pause  # set before the report goes out: the coordinator may answer at once
         _EVENTS.put(("report", report))
@@ -253,7 +257,7 @@ def _train(learning_rate, iters, window_steps, seed):
             if run.get("abort"):
                 raise _Aborted()
         mx.reset_peak_memory()
-        clock["start"] = time.perf_counter()
+        clock.update(start=time.perf_counter(), cpu=time.process_time(), thread=time.thread_time())
 
     try:
         record = run_training(_STATE["model"], batches, _STATE["kernels"], iters=iters,

@@ -233,6 +233,8 @@ def test_stage3_stock_kernels_train_like_mlx_lm_on_the_real_model():
         stock, cand = run["records"]["stock"][0], run["records"]["candidate"][0]
         assert [r["iteration"] for r in stock["reports"]] == [1, 2, 3]
         assert [r["iteration"] for r in cand["reports"]] == [1, 2, 3]
+        for report in stock["reports"] + cand["reports"]:  # the host's share of each window
+            assert 0 < report["thread_cpu_seconds"] <= report["cpu_seconds"]
         kind = "dora_linear" if run["fine_tune_type"] == "dora" else "lora_linear"
         for line in ("rms_norm       61 patched", "rope           30 patched",
                      "swiglu         30 patched", f"{kind:<12}   14 patched",
