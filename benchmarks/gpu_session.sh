@@ -66,10 +66,12 @@ for section in "$@"; do
   variants)
     stamp "micro vs macro"
     python benchmarks/micro_vs_macro.py write /tmp/variants > /dev/null
-    python -m kernel_lab.benchmark /tmp/variants/*.py initial_program.py examples/optimized_program.py \
-      --budget gpu --model smollm2-135m-q4 --fine-tune-type lora --out $out/$section \
-      > $out/$section/benchmark.log 2>&1
-    python benchmarks/micro_vs_macro.py analyze $out/$section/benchmark.json | tee $out/$section/analysis.txt ;;
+    for base in initial optimized; do  # one base's variants a run: 15 sides at once may not fit
+      python -m kernel_lab.benchmark /tmp/variants/${base}_*.py initial_program.py examples/optimized_program.py \
+        --budget gpu --model smollm2-135m-q4 --fine-tune-type lora --out $out/$section/$base \
+        > $out/$section/$base.log 2>&1
+      python benchmarks/micro_vs_macro.py analyze $out/$section/$base/benchmark.json | tee $out/$section/$base.txt
+    done ;;
   profiles)
     for m in ${PROFILE_MODELS:-smollm2-135m-q4 qwen2.5-coder-0.5b-q4}; do for t in lora dora; do
       for p in none examples/optimized_program.py; do
