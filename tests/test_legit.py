@@ -23,8 +23,11 @@ def _quiet(line):
 
 
 def test_legit_variants_pass_a_few_seeds():
-    failures = corpus.run([100, 101, 102], VARIANTS, log=_quiet)
+    lines = []
+    failures = corpus.run([100, 101, 102], VARIANTS, log=lines.append)
     assert not failures, "\n".join(failures)
+    progress = [line.split(":")[0] for line in lines if line.startswith("seed ")]
+    assert progress == ["seed 100 (1/3)", "seed 101 (2/3)", "seed 102 (3/3)"]  # one line a seed
 
 
 @pytest.mark.slow

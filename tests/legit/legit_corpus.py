@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("MLX_ENABLE_TF32", "0")  # float32 checks in true float32 (read when MLX starts)
@@ -82,13 +83,15 @@ def _half_dtypes(dtype):
     return dtype in (mx.bfloat16, mx.float16)
 
 
-def run(seeds, names=None, dtypes=DEFAULT_DTYPES, shape_set="default", log=print):
+def run(seeds, names=None, dtypes=DEFAULT_DTYPES, shape_set="default",
+        log=partial(print, flush=True)):
     """Check each entry's kernels on every seed; returns failure lines (empty: all passed).
 
-    Entries on one seed share inputs and references (check_kernels' cache)."""
+    Entries on one seed share inputs and references (check_kernels' cache). One progress line
+    per seed: each seed draws new shapes, which a cold GPU compiles for minutes."""
     entries = {name: ENTRIES[name]() for name in names or ENTRIES}
-    failures, seconds = [], dict.fromkeys(entries, 0.0)
-    for seed in seeds:
+    failures, seconds, start_all = [], dict.fromkeys(entries, 0.0), time.perf_counter()
+    for done, seed in enumerate(seeds, 1):
         cache = {}
         for name, kernels in entries.items():
             start = time.perf_counter()
@@ -96,6 +99,8 @@ def run(seeds, names=None, dtypes=DEFAULT_DTYPES, shape_set="default", log=print
                                     names=[k for k in KERNEL_NAMES if k in kernels])
             failures += [f"{name} seed {seed}: {format_failure(r)}" for r in results if not r["passed"]]
             seconds[name] += time.perf_counter() - start
+        log(f"seed {seed} ({done}/{len(seeds)}): {len(entries)} entries checked, "
+            f"{len(failures)} failures so far, {time.perf_counter() - start_all:.0f} s")
     for name, kernels in entries.items():
         log(f"{name:36s} {','.join(k for k in KERNEL_NAMES if k in kernels):60s} {seconds[name]:6.1f} s")
     return failures
@@ -118,7 +123,8 @@ def main(argv=None):
     parser.add_argument("--calibrate", action="store_true",
                         help="print each entry's worst error in tolerance-model units instead")
     opts = parser.parse_args(argv)
-    print(f"legit corpus on {mx.default_device()}, MLX_ENABLE_TF32={os.environ['MLX_ENABLE_TF32']}")
+    print(f"legit corpus on {mx.default_device()}, MLX_ENABLE_TF32={os.environ['MLX_ENABLE_TF32']}",
+          flush=True)
     if opts.calibrate:
         from kernel_lab.calibration import calibrate, print_units
 
