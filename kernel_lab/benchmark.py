@@ -5,8 +5,8 @@
 Fine-tuning (kernel_lab.macrobench, the code path stage 3 uses): per model, one worker per side
 (stock mlx-lm, each program) loads the model once; LoRA then DoRA; all sides compile at the same
 time, then measured windows of fixed-shape batches alternate between the sides (order rotated).
-Per side: median tokens/s over windows (mlx-lm's count of tokens, at each window's median step:
-macrobench.typical_rate), median peak memory, the loss curve;
+Per side: median tokens/s over windows (mlx-lm's rate of each window: macrobench.window_rates),
+median peak memory, the loss curve;
 against stock: the median of the per-window-pair speedups, the gradient check of each program.
 A program "stock" is kernel_lab.ops.STOCK patched in, "none" is plain mlx-lm again (stock
 against stock: the noise floor). Micro: each kernel's forward+backward time and peak memory

@@ -51,7 +51,7 @@ BUDGETS = {
     # Stage 3 on Metal / CUDA (both models, LoRA and DoRA): all blocks, bfloat16, 4 rows of 1024
     # tokens (1023 inputs each); 6 measured windows of 4 steps a side (~0.4-0.9 s each on an H200).
     # With 3 windows stage 3 took 49-59 s on a warm H200 and one window's rate could swing 25%
-    # (benchmarks/h200-2026-11-22c): 6 windows and each window at its median step.
+    # (benchmarks/h200-2026-11-22c): 6 windows, rated by the median over window pairs.
     "gpu": dict(_COMMON, models=TWO_MODELS, num_layers=-1, batch_size=4, seq_len=1023, window_steps=4,
                 warmup_windows=1, windows=6, grad_batches=2, dtype="bfloat16", window_timeout=60.0),
     # The benchmark table (`python -m kernel_lab.benchmark --budget table`): 8 rows of 1024 tokens,

@@ -130,8 +130,7 @@ def _new_side(prepared):
     return {"ok": bool(prepared.get("ok")), "grad_check": check or None,
             "prepare_seconds": prepared.get("seconds"),
             "grad_check_seconds": prepared.get("grad_check_seconds"),
-            "reports": list(warm), "tokens_per_second": [], "typical_tokens_per_second": [],
-            "peak_memory": [],
+            "reports": list(warm), "tokens_per_second": [], "peak_memory": [],
             "wall_seconds": []}
 
 
@@ -154,7 +153,6 @@ def _measure(comp, model, ftt, run, alive, stop_on_failure):
             side = run["sides"][name]
             side["reports"].append(value)
             side["tokens_per_second"].append(value["tokens_per_second"])
-            side["typical_tokens_per_second"].append(typical_rate(value))
             side["peak_memory"].append(value["peak_memory"])
             side["wall_seconds"].append(value["wall_seconds"])
             comp.log(f"  {model} {ftt} window {w + 1}/{windows} {name:<20} "
@@ -231,26 +229,18 @@ def run_sides(programs, *, models=None, fine_tune_types=("lora", "dora"), budget
     return result
 
 
-def typical_rate(report):
-    """A window's tokens/s at its median step: mlx-lm's tokens/s (over the mean step) times mean /
-    median of the steps' seconds, so that one slow step (measured on an H200: 339 ms among steps of
-    110) does not swing the window; mlx-lm's own figure when the steps were not timed."""
-    steps = report.get("step_seconds") or []
-    if not steps or min(steps) <= 0:
-        return report["tokens_per_second"]
-    return report["tokens_per_second"] * statistics.fmean(steps) / statistics.median(steps)
-
-
 def window_rates(side):
-    """A side's measured windows' tokens/s: at their median step (typical_rate) where the worker
-    timed the steps, else mlx-lm's."""
-    return side.get("typical_tokens_per_second") or side["tokens_per_second"]
+    """A side's measured windows' tokens/s as mlx-lm reports them: every step counts, so a cost
+    that comes back every few steps is paid in full (a rating at each window's median step would
+    hide one slow step in four; recorded H200 runs were no steadier with it:
+    benchmarks/window_ratings.py). One-off hiccups are left to the median over window pairs."""
+    return side["tokens_per_second"]
 
 
 def pair_metrics(stock, cand):
     """Candidate against stock over the same windows: speedup (median of the per-window-pair
-    ratios of the windows' rates at their median step), memory (median peaks), loss difference
-    per report, gradient check numbers."""
+    ratios of tokens/s), memory (median peaks), loss difference per report, gradient check
+    numbers."""
     pairs = list(zip(window_rates(stock), window_rates(cand)))
     metrics = {}
     if pairs:

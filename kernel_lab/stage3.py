@@ -8,8 +8,8 @@ One side "stock" (plain mlx-lm: its layers and `default_loss`) and one side "can
 program's kernels patched in), measured by `kernel_lab.macrobench`. Per model and fine-tune type:
 - grad_cosine_min / grad_rel_err_max: the gradient check before training (`kernel_lab.gradcheck`);
   a program that fails it scores 0, with the tensor, both numbers and the kernel named;
-- training_speedup: median over window pairs of candidate tokens/s / stock tokens/s (mlx-lm's count
-  of tokens, at each window's median step: `macrobench.typical_rate`);
+- training_speedup: median over window pairs of candidate tokens/s / stock tokens/s (mlx-lm's own
+  rate of each window: `macrobench.window_rates`);
 - memory_ratio = stock peak / candidate peak, memory_reduction = 1 - candidate / stock (median
   of the per-window peaks);
 - loss_rel_diff: max over reports of |cand - stock| / |stock|; the run fails (combined score 0)
@@ -70,7 +70,6 @@ def _record(side):
             "losses": [r["train_loss"] for r in reports],
             "final_loss": reports[-1]["train_loss"] if reports else None,
             "tokens_per_second_windows": side.get("tokens_per_second", []),
-            "typical_tokens_per_second_windows": side.get("typical_tokens_per_second", []),
             "peak_memory_windows": side.get("peak_memory", []),
             "wall_seconds_windows": side.get("wall_seconds", []),
             "patch_report_text": side.get("patch_report"),
@@ -132,8 +131,7 @@ def format_runs(result):
         else:
             lines.append(f"{head} {'':26s} {grads}  FAILED: {run.get('error')}")
     b = result.get("budget") or {}
-    lines.append(f"speedup: tokens/s candidate / stock mlx-lm (median of window pairs, each window at its "
-                 f"median step); memory: "
+    lines.append(f"speedup: tokens/s candidate / stock mlx-lm (median of window pairs); memory: "
                  f"stock peak / candidate peak; budget {b.get('name', '?')}: "
                  f"{b.get('batch_size')}x{b.get('seq_len')} tokens, {b.get('windows')} windows of "
                  f"{b.get('window_steps')} steps a side after {b.get('warmup_windows')} warm-up")
