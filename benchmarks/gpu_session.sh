@@ -87,12 +87,14 @@ for section in "$@"; do
     nvidia-smi --query-gpu=$reasons --format=csv > /dev/null 2>&1 || reasons=clocks_throttle_reasons.active
     nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,$reasons \
       --format=csv -lms 200 > $out/$section/smi.csv 2>&1 & sampler=$!
-    for i in 1 2 3; do for p in none examples/optimized_program.py; do  # one process each, in turn
-      n=$(basename $p .py); stamp "qwen lora step, $p, process $i"
+    # one process each, in turn; --clear-cache frees MLX's buffer cache after every step as mlx-lm's
+    # train() does by default (stage 3 runs train(); the bare step ran faster: 62 vs ~100 ms)
+    for i in 1 2 3; do for p in none examples/optimized_program.py; do for cc in "" --clear-cache; do
+      n=$(basename $p .py)${cc:+_cleared}; stamp "qwen lora step, $p $cc, process $i"
       python benchmarks/profile_step.py --model qwen2.5-coder-0.5b-q4 --fine-tune-type lora --program $p \
-        --batch 4 --length 1023 --steps 30 --no-parts --json $out/$section/step_${n}_$i.json \
+        --batch 4 --length 1023 --steps 30 --no-parts $cc --json $out/$section/step_${n}_$i.json \
         > $out/$section/step_${n}_$i.log 2>&1; grep "^step" $out/$section/step_${n}_$i.log
-    done; done
+    done; done; done
     stamp "stage 3 of examples/optimized_program.py, 3 evaluations"
     python -m kernel_lab.stage3 examples/optimized_program.py --budget gpu --repeat 3 \
       --json $out/$section/optimized.json > $out/$section/optimized.log 2>&1; tail -14 $out/$section/optimized.log

@@ -2,7 +2,7 @@
 
     python benchmarks/profile_step.py --model smollm2-135m-q4 --fine-tune-type lora \
         --program none|initial_program.py|examples/optimized_program.py [--batch 8 --length 1024
-        --steps 10 --layers 0 --no-parts --json out.json]
+        --steps 10 --layers 0 --no-parts --clear-cache --json out.json]
 
 Stock mlx-lm (`--program none`) or with a program's kernels patched in (kernel_lab.patching);
 every kept layer gets LoRA/DoRA rank 8 (--layers K keeps the model's last K layers; 0 = all).
@@ -41,9 +41,10 @@ LAYER_PARTS = ("input_norm", "qkv_proj", "rope_qk", "attention", "o_proj", "post
                "gate_up_proj", "swiglu", "down_proj")  # the layer's parts, run once per layer
 
 
-def measure(run, repeats, warmup=3, target_s=0.02):
+def measure(run, repeats, warmup=3, target_s=0.02, after=None):
     """run() -> arrays to evaluate. (median ms, peak bytes above the active before, that active,
-    {"ms": every sample, "cpu_share": process CPU time / wall time over the samples})."""
+    {"ms": every sample, "cpu_share": process CPU time / wall time over the samples}).
+    after(): called after each sample's synchronize, inside its time (as mlx-lm's clear_cache)."""
     for _ in range(warmup):
         mx.eval(run())
     mx.synchronize()
@@ -62,6 +63,8 @@ def measure(run, repeats, warmup=3, target_s=0.02):
         for _ in range(calls):
             mx.async_eval(run())
         mx.synchronize()
+        if after is not None:
+            after()
         samples.append((time.perf_counter() - tic) / calls)
     spread = {"ms": [1e3 * t for t in samples],
               "cpu_share": (time.process_time() - cpu) / (sum(samples) * calls)}
@@ -82,11 +85,13 @@ def build_step(model, loss_fn, optimizer):
     return step, state
 
 
-def time_step(model, loss_fn, batch, lengths, steps, warmup):
+def time_step(model, loss_fn, batch, lengths, steps, warmup, clear_cache=False):
     """Median step ms, peak bytes, resident bytes (weights + Adam state + batch), last loss, the
     optimizer, every step's ms and the host's CPU share.
 
-    The first warm-up step compiles and creates the Adam state; one step per sample."""
+    The first warm-up step compiles and creates the Adam state; one step per sample. clear_cache:
+    free MLX's buffer cache after every step, as mlx-lm's train() does by default
+    (clear_cache_threshold 0), so that each step allocates its buffers anew."""
     warmup = max(warmup, 1)
     optimizer = optim.Adam(learning_rate=1e-5)
     step, state = build_step(model, loss_fn, optimizer)
@@ -96,7 +101,8 @@ def time_step(model, loss_fn, batch, lengths, steps, warmup):
         last[0], _ = step(batch, lengths)
         return [state, last[0]]
 
-    ms, transient, resident, spread = measure(run, steps, warmup=warmup, target_s=0)
+    ms, transient, resident, spread = measure(run, steps, warmup=warmup, target_s=0,
+                                              after=mx.clear_cache if clear_cache else None)
     return ms, resident + transient, resident, last[0].item(), optimizer, spread
 
 
@@ -241,6 +247,8 @@ def main(argv=None):
                     help="keep the model's last K layers (0: all), all converted")
     ap.add_argument("--dtype", default=None, help="default: float32 on the CPU, the model's on a GPU")
     ap.add_argument("--parts", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--clear-cache", action="store_true",
+                    help="free MLX's buffer cache after every step, as mlx-lm's train() does by default")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
 
@@ -266,10 +274,11 @@ def main(argv=None):
 
     load_s = time.perf_counter() - start
     ms, peak, resident, loss, optimizer, spread = time_step(model, loss_fn, batch, lengths, a.steps,
-                                                            a.warmup)
+                                                            a.warmup, clear_cache=a.clear_cache)
     res = dict(model=a.model, fine_tune_type=a.fine_tune_type, program=a.program,
                device=str(mx.default_device()), dtype=str(dtype), batch=a.batch, length=a.length,
                layers=keep, layers_total=total_layers, steps=a.steps, load_s=load_s,
+               clear_cache=a.clear_cache,
                patch=report.as_dict() if report else None,
                step=dict(ms=ms, tokens_per_s=a.batch * a.length / (ms / 1e3), loss=loss,
                          peak_mb=peak / MB, weights_mb=weights / MB, resident_mb=resident / MB,
@@ -306,7 +315,8 @@ def print_tables(res):
     st = res["step"]
     print(f"\n== {res['model']} {res['fine_tune_type']} program={res['program']} {res['device']} "
           f"{res['dtype']} B={res['batch']} L={res['length']} layers={res['layers']}/"
-          f"{res['layers_total']} ({res['seconds']:.0f} s, load {res['load_s']:.0f} s)")
+          f"{res['layers_total']}{' clear_cache' if res.get('clear_cache') else ''} "
+          f"({res['seconds']:.0f} s, load {res['load_s']:.0f} s)")
     if res["patch"]:
         print(f"patched {res['patch']['patched']} loss={res['patch']['loss']} "
               f"stock={len(res['patch']['stock'])}")
