@@ -6,7 +6,8 @@
 # 6 windows a side, every step's seconds in the JSON), warm (those evaluations alone), evals (each program's full evaluation, cold then warm), repeat (stage 3 stock vs stock and
 # the optimized program, 3 evaluations each), legit (the legit corpus on CUDA), table (the
 # benchmark table), variants (micro vs macro ordering), profiles (step profiles), diagnose (GPU clocks
-# and host CPU beside one-step profiles in separate processes and 3 stage-3 evaluations). Each writes logs
+# and host CPU beside one-step profiles in separate processes and 3 stage-3 evaluations), compute
+# (legitimate programs' LoRA/DoRA gradients against stock's in bfloat16 at stage 3's sizes). Each writes logs
 # and JSON under OUT/<section>/. "Cold": MLX's kernel cache (MLX_PTX_CACHE_DIR) and the CUDA
 # driver's (CUDA_CACHE_PATH) start empty, as on a new machine; "warm": the same caches again.
 set -u
@@ -99,6 +100,13 @@ for section in "$@"; do
     python -m kernel_lab.stage3 examples/optimized_program.py --budget gpu --repeat 3 \
       --json $out/$section/optimized.json > $out/$section/optimized.log 2>&1; tail -14 $out/$section/optimized.log
     kill $sampler ;;
+  compute)  # legitimate programs' gradients in bfloat16 at stage 3's sizes: can grad_check_compute be on?
+    for m in smollm2-135m-q4 qwen2.5-coder-0.5b-q4; do
+      stamp "bfloat16 gradient distances, $m"
+      python benchmarks/compute_gradcheck.py --model $m --layers -1 --batch 4 --length 1023 stock \
+        examples/optimized_program.py initial_program.py > $out/$section/${m%%-*}.log 2>&1
+      tail -8 $out/$section/${m%%-*}.log
+    done ;;
   *) echo "unknown section $section" ;;
   esac
   stamp "section $section done"
