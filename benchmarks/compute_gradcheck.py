@@ -24,18 +24,19 @@ for path in (ROOT, ROOT / "tests" / "legit"):
 
 import mlx.core as mx  # noqa: E402
 
-from kernel_lab.contract import KERNEL_NAMES, load_program  # noqa: E402
+from kernel_lab.contract import KERNEL_NAMES  # noqa: E402
 from kernel_lab.gradcheck import COMPUTE_LIMITS, check_gradients  # noqa: E402
 from kernel_lab.models import load_model  # noqa: E402
 from kernel_lab.ops import STOCK  # noqa: E402
+from kernel_lab.training import resolve_kernels  # noqa: E402
 
 DEFAULT = ("stock", "examples/optimized_program.py", "optimized-cuda-adapters")
 
 
 def kernels_for(name):
-    """A program path, or a legit-corpus entry with stock for the kernels it leaves alone."""
-    if Path(name).suffix == ".py":
-        return load_program(ROOT / name if not Path(name).is_absolute() else name)
+    """"stock", a program path, or a legit-corpus entry with stock for the kernels it leaves alone."""
+    if name == "stock" or Path(name).suffix == ".py":
+        return resolve_kernels(name if name == "stock" else ROOT / name)
     import legit_corpus
 
     kernels = {k: getattr(STOCK, k) for k in KERNEL_NAMES}
@@ -57,13 +58,14 @@ def main(argv=None):
           f"{COMPUTE_LIMITS[1]}", flush=True)
     print(f"{'program':34s} {'type':5s} {'float32 cos':>12s} {'rel err':>9s} {a.dtype + ' cos':>14s} "
           f"{'rel err':>9s}  ok  seconds", flush=True)
+    # check_gradients puts the loaded weights back after each check: one model serves them all
+    model, _ = load_model(a.model, dtype=a.dtype)
+    vocab = model.model.embed_tokens.weight.shape[0]
+    tokens = mx.random.randint(0, vocab, (a.batch, a.length + 1), key=mx.random.key(0))
+    batches = [(tokens, mx.array([[0, a.length]] * a.batch))]
     for name in a.programs:
         kernels = kernels_for(name)
         for ftt in ("lora", "dora"):
-            model, _ = load_model(a.model, dtype=a.dtype)
-            vocab = model.model.embed_tokens.weight.shape[0]
-            tokens = mx.random.randint(0, vocab, (a.batch, a.length + 1), key=mx.random.key(0))
-            batches = [(tokens, mx.array([[0, a.length]] * a.batch))]
             tic = time.perf_counter()
             r = check_gradients(model, kernels, batches, fine_tune_type=ftt, num_layers=a.layers,
                                 rank=8, compute_dtype=True)

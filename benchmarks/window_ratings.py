@@ -10,12 +10,14 @@ and, per file with several evaluations, each rating's coefficient of variation.
 
 import glob
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+from kernel_lab.score import geometric_mean  # noqa: E402  (as stage 3 folds its rows)
 
 
 def mean_rate(report):
@@ -47,7 +49,7 @@ def speedup(evaluation, rate):
         if not stock or not all("step_seconds" in r for r in stock + cand):
             return None
         rows.append(statistics.median(rate(c) / rate(s) for s, c in zip(stock, cand)))
-    return math.exp(statistics.fmean(math.log(r) for r in rows)) if rows else None
+    return geometric_mean(rows) if rows else None
 
 
 def cv(values):

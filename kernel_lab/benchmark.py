@@ -69,8 +69,7 @@ def compare_sides(programs, budget=None, *, models=None, fine_tune_types=("lora"
                        peak_memory_gb=statistics.median(side["peak_memory"]) / 1e9,
                        final_loss=reports[-1]["train_loss"], losses=[r["train_loss"] for r in reports],
                        steps=[r["iteration"] for r in reports],
-                       tokens_per_second_runs=rates,
-                       mlx_lm_tokens_per_second_runs=side["tokens_per_second"])
+                       tokens_per_second_runs=rates)
             if name != "stock" and stock_ok:
                 pair = macrobench.pair_metrics(stock, side)
                 row.update(speedup=pair["training_speedup"], speedups=pair["speedups"],
