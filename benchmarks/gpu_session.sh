@@ -6,10 +6,12 @@
 # 6 windows a side, every step's seconds in the JSON), warm (those evaluations alone), evals (each program's full evaluation, cold then warm), repeat (stage 3 stock vs stock and
 # the optimized program, 3 evaluations each), legit (the legit corpus on CUDA), table (the
 # benchmark table), variants (micro vs macro ordering), profiles (step profiles), diagnose (GPU clocks
-# and host CPU beside one-step profiles in separate processes and 3 stage-3 evaluations), compute
+# and host CPU beside one-step profiles in separate processes and 3 stage-3 evaluations), cleared (the
+# bare step with and without mlx-lm's per-step cache clearing), compute
 # (legitimate programs' LoRA/DoRA gradients against stock's in bfloat16 at stage 3's sizes). Each writes logs
 # and JSON under OUT/<section>/. "Cold": MLX's kernel cache (MLX_PTX_CACHE_DIR) and the CUDA
 # driver's (CUDA_CACHE_PATH) start empty, as on a new machine; "warm": the same caches again.
+# Narrower runs: PROFILE_MODELS (profiles), VARIANT_BASES (variants), LEGIT_SEEDS (legit).
 set -u
 out=$1; shift
 mkdir -p "$out"
@@ -56,7 +58,7 @@ for section in "$@"; do
     done ;;
   legit)
     stamp "legit corpus"
-    MLX_ENABLE_TF32=0 python tests/legit/legit_corpus.py --seeds 0-19 \
+    MLX_ENABLE_TF32=0 python tests/legit/legit_corpus.py --seeds ${LEGIT_SEEDS:-0-19} \
       --names stock,initial-program,optimized > $out/$section/programs.log 2>&1; tail -5 $out/$section/programs.log
     MLX_ENABLE_TF32=0 python tests/legit/legit_corpus.py --seeds 0-2 > $out/$section/all.log 2>&1
     tail -30 $out/$section/all.log ;;
@@ -67,7 +69,7 @@ for section in "$@"; do
   variants)
     stamp "micro vs macro"
     python benchmarks/micro_vs_macro.py write /tmp/variants > /dev/null
-    for base in initial optimized; do  # one base's variants a run: 15 sides at once may not fit
+    for base in ${VARIANT_BASES:-initial optimized}; do  # one base's variants a run: 15 sides at once may not fit
       python -m kernel_lab.benchmark /tmp/variants/${base}_*.py initial_program.py examples/optimized_program.py \
         --budget gpu --model smollm2-135m-q4 --fine-tune-type lora --out $out/$section/$base \
         > $out/$section/$base.log 2>&1
@@ -81,6 +83,13 @@ for section in "$@"; do
           --json $out/$section/${m%%-*}_${t}_$(basename $p .py).json > $out/$section/${m%%-*}_${t}_$(basename $p .py).log 2>&1
         tail -22 $out/$section/${m%%-*}_${t}_$(basename $p .py).log
       done; done; done ;;
+  cleared)  # the bare step with and without mlx-lm's per-step mx.clear_cache(), one process each
+    for p in none examples/optimized_program.py; do for cc in "" --clear-cache; do
+      n=$(basename $p .py)${cc:+_cleared}; stamp "qwen lora step, $p $cc"
+      python benchmarks/profile_step.py --model qwen2.5-coder-0.5b-q4 --fine-tune-type lora --program $p \
+        --batch 4 --length 1023 --steps 20 --no-parts $cc --json $out/$section/step_$n.json \
+        > $out/$section/step_$n.log 2>&1; grep "^step" $out/$section/step_$n.log
+    done; done ;;
   diagnose)  # where stage 3's spread between processes comes from: the GPU's clocks, the host's share
     nvidia-smi -q > $out/$section/nvidia-smi-q.txt 2>&1; nvidia-smi topo -m > $out/$section/topo.txt 2>&1
     lscpu > $out/$section/lscpu.txt 2>&1
