@@ -43,7 +43,8 @@ LAYER_PARTS = ("input_norm", "qkv_proj", "rope_qk", "attention", "o_proj", "post
 
 def measure(run, repeats, warmup=3, target_s=0.02, after=None):
     """run() -> arrays to evaluate. (median ms, peak bytes above the active before, that active,
-    {"ms": every sample, "cpu_share": process CPU time / wall time over the samples}).
+    {"ms": every sample, "cpu_share": process CPU time / wall time over the samples, "after_ms": the
+    part of each sample spent in after(), "cached_mb": MLX's buffer cache just before it}).
     after(): called after each sample's synchronize, inside its time (as mlx-lm's clear_cache)."""
     for _ in range(warmup):
         mx.eval(run())
@@ -57,16 +58,19 @@ def measure(run, repeats, warmup=3, target_s=0.02, after=None):
     single = time.perf_counter() - tic
     peak = max(mx.get_peak_memory() - before, 0)
     calls = max(1, min(16, round(target_s / max(single, 1e-6))))  # queue short parts
-    samples, cpu = [], time.process_time()
+    samples, after_s, cached, cpu = [], [], [], time.process_time()
     for _ in range(repeats):
         tic = time.perf_counter()
         for _ in range(calls):
             mx.async_eval(run())
         mx.synchronize()
         if after is not None:
+            cached.append(mx.get_cache_memory() / 2**20)
+            toc = time.perf_counter()
             after()
+            after_s.append((time.perf_counter() - toc) / calls)
         samples.append((time.perf_counter() - tic) / calls)
-    spread = {"ms": [1e3 * t for t in samples],
+    spread = {"ms": [1e3 * t for t in samples], "after_ms": [1e3 * t for t in after_s], "cached_mb": cached,
               "cpu_share": (time.process_time() - cpu) / (sum(samples) * calls)}
     return 1e3 * statistics.median(samples), peak, before, spread
 
@@ -283,7 +287,8 @@ def main(argv=None):
                step=dict(ms=ms, tokens_per_s=a.batch * a.length / (ms / 1e3), loss=loss,
                          peak_mb=peak / MB, weights_mb=weights / MB, resident_mb=resident / MB,
                          transient_mb=(peak - resident) / MB, step_ms=spread["ms"],
-                         cpu_share=spread["cpu_share"]))
+                         cpu_share=spread["cpu_share"], clear_cache_ms=spread["after_ms"],
+                         cached_mb=spread["cached_mb"]))
     layers = model.model.layers
     if keep >= 2:  # memory each layer keeps for the backward: the step with half the layers
         half = keep // 2
@@ -325,6 +330,9 @@ def print_tables(res):
           f"{st.get('cpu_share', 0):.0%} of wall)  {st['tokens_per_s']:,.0f} tok/s  "
           f"loss {st['loss']:.4f}  peak {st['peak_mb']:.0f} MB = resident {st['resident_mb']:.0f} (weights "
           f"{st['weights_mb']:.0f}) + transient {st['transient_mb']:.0f}")
+    if st.get("clear_cache_ms"):  # how much of a step mx.clear_cache() itself took
+        print(f"of which mx.clear_cache() {statistics.median(st['clear_cache_ms']):.2f} ms (median), freeing "
+              f"{statistics.median(st['cached_mb']):.0f} MB of cached buffers")
     mem, line = res.get("memory", {}), []
     if "per_layer_mb" in mem:
         line.append(f"kept per layer {mem['per_layer_mb']:.1f} MB, x{res['layers']} = "
