@@ -22,6 +22,9 @@ A budget's entries:
   grad_check_compute  check the gradients in the model's own dtype too (bfloat16 on a GPU), with
                   looser limits (kernel_lab.gradcheck.COMPUTE_LIMITS); it catches a kernel whose
                   gradients are wrong in that dtype only, at the cost of a second pass
+  prepare_group   sides that prepare (gradient check, compile, warm-up) at the same time (0: all):
+                  nine benchmark sides checking SmolLM2's gradients in float32 at once ran an H200
+                  out of memory (benchmarks/h200-2026-11-22e); stage 3 has two sides, the table three
   dtype           None: float32 on the CPU, the model's own dtype on a GPU
   max_chars       longest example of the embedded data set, in characters (before packing)
   preload         load every model's workers at the start, at the same time (else model by model)
@@ -39,7 +42,7 @@ A budget's entries:
 _COMMON = dict(rank=8, scale=20.0, learning_rate=1e-5, grad_check=True, grad_check_compute=False,
                dtype=None,
                max_chars=1500, preload=True, tf32=False, grad_rows=None, load_timeout=300.0,
-               prepare_timeout=900.0)
+               prepare_timeout=900.0, prepare_group=0)
 
 TWO_MODELS = "smollm2-135m-q4,qwen2.5-coder-0.5b-q4"  # vocabularies of 49k and 152k
 
@@ -53,12 +56,13 @@ BUDGETS = {
     # With 3 windows stage 3 took 49-59 s on a warm H200 and one window's rate could swing 25%
     # (benchmarks/h200-2026-11-22c): 6 windows, rated by the median over window pairs.
     "gpu": dict(_COMMON, models=TWO_MODELS, num_layers=-1, batch_size=4, seq_len=1023, window_steps=4,
-                warmup_windows=1, windows=6, grad_batches=2, dtype="bfloat16", window_timeout=60.0),
+                warmup_windows=1, windows=6, grad_batches=2, dtype="bfloat16", window_timeout=60.0,
+                prepare_group=3),
     # The benchmark table (`python -m kernel_lab.benchmark --budget table`): 8 rows of 1024 tokens,
     # bfloat16, all blocks, 6 measured windows of 5 steps a side.
     "table": dict(_COMMON, models=TWO_MODELS, num_layers=-1, batch_size=8, seq_len=1023, window_steps=5,
                   warmup_windows=1, windows=6, grad_batches=2, grad_rows=4, dtype="bfloat16", max_chars=6000,
-                  window_timeout=120.0),
+                  window_timeout=120.0, prepare_group=3),
 }
 
 

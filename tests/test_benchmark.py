@@ -59,7 +59,7 @@ class FakeSandbox:
     def __init__(self, tps, peak=None, loss=None, fail=None, gpu=False):
         self.tps, self.peak, self.loss = tps, peak or {}, loss or {}
         self.fail, self.gpu = fail or {}, gpu
-        self.log, self.closed, self.locked, self.sessions = [], 0, False, []
+        self.log, self.closed, self.locked, self.sessions, self.batches = [], 0, False, [], []
         outer = self
 
         class Session(FakeWorker):
@@ -74,6 +74,7 @@ class FakeSandbox:
         yield
 
     def wait_all(self, sessions, timeout):
+        self.batches.append((sessions[0].pending[0], [s.side for s in sessions]))  # one wait: (call, sides)
         return [s.run() for s in sessions]
 
 
@@ -177,6 +178,19 @@ def test_sides_load_and_prepare_together_and_windows_rotate():
     assert a["memory_reduction"] == pytest.approx(0.5) and b["memory_reduction"] == pytest.approx(0.0)
     assert a["loss_rel_diff"] == 0.0 and a["grad_rel_err_max"] == 2e-3
     assert stock["steps"] == [1, 2, 3, 4] and len(stock["losses"]) == 4
+
+
+def test_prepare_group_caps_the_sides_preparing_at_once():
+    """Nine float32 gradient checks at once ran an H200 out of memory: prepare_group of them at a time."""
+    box = FakeSandbox(tps={s: [100] * 2 for s in ("stock", "a", "b", "c")})
+    rows, result = benchmark.compare_sides(["/x/a.py", "/x/b.py", "/x/c.py"],
+                                           dict(budgets.BUDGETS["cpu"], prepare_group=3), models=["m"],
+                                           fine_tune_types=("lora",), sandbox=box, log=lambda m: None,
+                                           windows=2)
+    assert result["error"] is None and len(rows) == 4
+    assert [sides for call, sides in box.batches if call == "prepare"] == [["stock", "a", "b"], ["c"]]
+    assert [len(sides) for call, sides in box.batches if call == "load"] == [4]  # loading stays together
+    assert budgets.BUDGETS["gpu"]["prepare_group"] >= 2 and budgets.BUDGETS["table"]["prepare_group"] >= 3
 
 
 def test_a_failed_gradient_check_stops_stage3_before_any_window():
