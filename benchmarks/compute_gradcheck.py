@@ -13,6 +13,7 @@ optimized program and its CUDA adapters.
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,11 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parent.parent
 for path in (ROOT, ROOT / "tests" / "legit"):
     sys.path.insert(0, str(path))
+
+# The float32 pass compares true float32, as stage 3's workers do: without this, CUDA runs float32
+# matmuls in TF32 and every program's DoRA gradients already miss the float32 limits (an H200 run
+# of this script, benchmarks/h200-2026-11-22e).
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 import mlx.core as mx  # noqa: E402
 
