@@ -1,14 +1,19 @@
 """What gpu_session.sh's `diagnose` section found: the GPU's clocks and the host's share of each window.
 
     python benchmarks/diagnose_summary.py DIR     # e.g. benchmarks/h200-2026-11-22d/A-diagnose-table/diagnose
+    python benchmarks/diagnose_summary.py --windows LOG...   # an evaluator's or benchmark's log
 
 smi.csv (nvidia-smi every 200 ms): busy samples, their SM clock range, peak power, clock-event
 reasons. optimized.json (`kernel_lab.stage3 --repeat N --json`): per side, every measured window's
-process CPU seconds per wall second and the training thread's share of them.
+process CPU seconds per wall second and the training thread's share of them. --windows: from the
+window lines a log prints (`... lora window 2/6 candidate 31930.5 tok/s ... (0.52 s, cpu 0.56 s)`), per
+model, fine-tune type and side the median tokens/s, wall and CPU seconds of a window and CPU per wall.
 """
 
 import csv
 import json
+import re
+import statistics
 import sys
 from collections import Counter
 from pathlib import Path
@@ -42,7 +47,30 @@ def host_shares(path):
     return "\n".join(lines)
 
 
+WINDOW = re.compile(r"^\s+(\S+) (lora|dora) window \d+/\d+ (\S+)\s+([\d.]+) tok/s.*"
+                    r"\(([\d.]+) s, cpu ([\d.]+) s\)")
+
+
+def window_lines(path):
+    """Per (model, type, side) of a log's measured windows: medians of tokens/s, wall, CPU, CPU/wall."""
+    rows = {}
+    for line in Path(path).read_text().splitlines():
+        m = WINDOW.match(line)
+        if m:
+            tps, wall, cpu = map(float, m.group(4, 5, 6))
+            rows.setdefault(m.group(1, 2, 3), []).append((tps, wall, cpu, cpu / wall))
+    return [f"{model} {ftt} {side}: {len(ws)} windows, median {statistics.median(w[0] for w in ws):.0f} "
+            f"tok/s, {statistics.median(w[1] for w in ws):.3f} s wall, {statistics.median(w[2] for w in ws):.3f} "
+            f"s CPU, CPU/wall {statistics.median(w[3] for w in ws):.2f}"
+            for (model, ftt, side), ws in rows.items()]
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--windows":
+        for log in sys.argv[2:]:
+            print(f"== {log}")
+            print("\n".join(window_lines(log)))
+        sys.exit(0)
     folder = Path(sys.argv[1])
     print(clocks(folder / "smi.csv"))
     print(host_shares(folder / "optimized.json"))
