@@ -294,7 +294,7 @@ def main(argv=None):
 
 
 def warm_up(echo=True):
-    """Compile (and cache on disk, kernel_lab.sandbox.ptx_cache_dir) the kernels stock and the
+    """Compile (and cache on disk, kernel_lab.machine.ptx_cache_dir) the kernels stock and the
     starting program need: stage 1's in parallel (kernel_lab.warmup), then one evaluation of the
     starting program for stages 2 and 3; print its seconds and scores. Timing never includes
     compiling (warm-up rounds and windows come first) and the first stage 1 on a machine does the

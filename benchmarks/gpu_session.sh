@@ -18,7 +18,7 @@ mkdir -p "$out"
 # Scripts run here directly (profile_step.py, compute_gradcheck.py, ...) share the evaluator's kernel
 # cache, which a carried cache fills, instead of MLX's default under /tmp (3-4 minutes of compiling).
 export MLX_PTX_CACHE_DIR=${MLX_PTX_CACHE_DIR:-$(cd "$(dirname "$0")/.." && python -c \
-  "from kernel_lab.sandbox import ptx_cache_dir; print(ptx_cache_dir())")}
+  "from kernel_lab.machine import ptx_cache_dir; print(ptx_cache_dir())")}
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
 for section in "$@"; do
   mkdir -p "$out/$section"; cd "$(dirname "$0")/.." || exit 1

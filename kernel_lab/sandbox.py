@@ -20,9 +20,9 @@ Isolation, and its limits:
   the worker could still find the nonce in memory; this guards against accidents and cheap tricks,
   not against a determined attacker (use a container or VM for that).
 
-`device_lock()` is a cross-process lock (fcntl.flock) that timing phases take so that two candidates
-are never timed on one device at the same time. The process plumbing (trees, kills, pipes, why a
-child ended) is in kernel_lab/childproc.py.
+`device_lock()` (kernel_lab/machine.py) is a cross-process lock (fcntl.flock) that timing phases take
+so that two candidates are never timed on one device at the same time. The process plumbing (trees,
+kills, pipes, why a child ended) is in kernel_lab/childproc.py.
 """
 
 import contextlib
@@ -40,6 +40,7 @@ from pathlib import Path
 
 import psutil
 
+from .machine import cache_dir, device_lock, ptx_cache_dir  # noqa: F401  (part of this module's API)
 from .childproc import (  # noqa: F401  (stuck_location is part of this module's API)
     _clip_text, _drain, _echo_new, _exit_error, _format_bytes, _kill_group,
     _kill_leftovers, _parse_messages, _process_tree, _tree_rss, stuck_location,
@@ -69,65 +70,9 @@ class TaskResult:
         return asdict(self)
 
 
-def cache_dir():
-    """The user cache dir of kernel_lab ($KERNEL_LAB_CACHE, else $XDG_CACHE_HOME/kernel_lab)."""
-    root = os.environ.get("KERNEL_LAB_CACHE")
-    if not root:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kernel_lab"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def default_memory_limit():
     """Half the machine's RAM, at most 16 GB: a candidate must never take the machine down."""
     return min(psutil.virtual_memory().total // 2, 16 * 2**30)
-
-
-@contextlib.contextmanager
-def device_lock(name="device", timeout=None):
-    """Hold a cross-process exclusive lock while timing on the device.
-
-    Uses fcntl.flock on `<cache_dir>/locks/<name>.lock` (released by the OS if the holder dies).
-    Threads of one process exclude each other too, as each opens its own file description.
-    Raises TimeoutError if `timeout` seconds pass without getting the lock.
-    """
-    import fcntl
-
-    lock_path = cache_dir() / "locks" / f"{name}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    with open(lock_path, "a+") as handle:
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"could not take the device lock {lock_path} in {timeout} s")
-                time.sleep(0.05)
-        try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
-            yield lock_path
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def ptx_cache_dir():
-    """Where children keep MLX's compiled CUDA kernels: <cache_dir>/mlx-ptx/<mlx version>.
-
-    MLX's default, <tmp>/mlx/<version>/ptx, is lost with the temp dir; a cold cache costs minutes
-    of compiling. A MLX_PTX_CACHE_DIR set by the user wins."""
-    try:
-        from importlib.metadata import version
-
-        mlx_version = version("mlx")
-    except Exception:  # noqa: BLE001 - no metadata: one shared folder still works
-        mlx_version = "unknown"
-    return cache_dir() / "mlx-ptx" / mlx_version
 
 
 def _child_env(env):

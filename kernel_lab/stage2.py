@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import score
 from .microrun import MicroError, run as _run_micro  # noqa: F401  (MicroError: for callers)
-from .sandbox import cache_dir
+from .machine import cache_dir
 
 CACHE_VERSION = 2  # 2: separate processes, medians of memory, rooflines
 

@@ -1,7 +1,7 @@
 """Fill MLX's compiled-kernel cache on a new GPU machine, in parallel, before anything is judged.
 
 MLX's CUDA backend compiles its kernels at first use (NVRTC, one CPU core each) and keeps them in
-MLX_PTX_CACHE_DIR (kernel_lab.sandbox.ptx_cache_dir). Stage 1 checks every kernel in three dtypes
+MLX_PTX_CACHE_DIR (kernel_lab.machine.ptx_cache_dir). Stage 1 checks every kernel in three dtypes
 with 4/5/8-bit bases and group sizes 32/64, and every such quantized matmul is a kernel of its own:
 measured on an H200, stage 1 of a cold machine ran past 900 s, 10-40 s per new LoRA/DoRA case.
 `run()` does that compiling once, spread over the machine's cores: a queue of jobs, one per
