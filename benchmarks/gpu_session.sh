@@ -20,6 +20,14 @@ mkdir -p "$out"
 export MLX_PTX_CACHE_DIR=${MLX_PTX_CACHE_DIR:-$(cd "$(dirname "$0")/.." && python -c \
   "from kernel_lab.machine import ptx_cache_dir; print(ptx_cache_dir())")}
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
+# One process timing Qwen's LoRA step at 4x1023 (no parts): qwen_step PROGRAM CLEAR_CACHE_FLAG STEPS SUFFIX
+qwen_step() {
+  local p=$1 cc=$2 n=$(basename $1 .py)${2:+_cleared}$4
+  stamp "qwen lora step, $p $cc${4:+, process ${4#_}}"
+  python benchmarks/profile_step.py --model qwen2.5-coder-0.5b-q4 --fine-tune-type lora --program $p \
+    --batch 4 --length 1023 --steps $3 --no-parts $cc --json $out/$section/step_$n.json \
+    > $out/$section/step_$n.log 2>&1; grep "^step" $out/$section/step_$n.log
+}
 for section in "$@"; do
   mkdir -p "$out/$section"; cd "$(dirname "$0")/.." || exit 1
   case $section in
@@ -89,10 +97,7 @@ for section in "$@"; do
       done; done; done ;;
   cleared)  # the bare step with and without mlx-lm's per-step mx.clear_cache(), one process each
     for p in none examples/optimized_program.py; do for cc in "" --clear-cache; do
-      n=$(basename $p .py)${cc:+_cleared}; stamp "qwen lora step, $p $cc"
-      python benchmarks/profile_step.py --model qwen2.5-coder-0.5b-q4 --fine-tune-type lora --program $p \
-        --batch 4 --length 1023 --steps 20 --no-parts $cc --json $out/$section/step_$n.json \
-        > $out/$section/step_$n.log 2>&1; grep "^step" $out/$section/step_$n.log
+      qwen_step "$p" "$cc" 20 ""
     done; done ;;
   diagnose)  # where stage 3's spread between processes comes from: the GPU's clocks, the host's share
     nvidia-smi -q > $out/$section/nvidia-smi-q.txt 2>&1; nvidia-smi topo -m > $out/$section/topo.txt 2>&1
@@ -104,10 +109,7 @@ for section in "$@"; do
     # one process each, in turn; --clear-cache frees MLX's buffer cache after every step as mlx-lm's
     # train() does by default (stage 3 runs train(); the bare step ran faster: 62 vs ~100 ms)
     for i in 1 2 3; do for p in none examples/optimized_program.py; do for cc in "" --clear-cache; do
-      n=$(basename $p .py)${cc:+_cleared}; stamp "qwen lora step, $p $cc, process $i"
-      python benchmarks/profile_step.py --model qwen2.5-coder-0.5b-q4 --fine-tune-type lora --program $p \
-        --batch 4 --length 1023 --steps 30 --no-parts $cc --json $out/$section/step_${n}_$i.json \
-        > $out/$section/step_${n}_$i.log 2>&1; grep "^step" $out/$section/step_${n}_$i.log
+      qwen_step "$p" "$cc" 30 "_$i"
     done; done; done
     stamp "stage 3 of examples/optimized_program.py, 3 evaluations"
     python -m kernel_lab.stage3 examples/optimized_program.py --budget gpu --repeat 3 \

@@ -5,11 +5,11 @@ Per model, one long-lived sandbox Session per side (stock mlx-lm, then each prog
 `kernel_lab.trainworker`) loads the model once. Per fine-tune type (LoRA, then DoRA in the same
 workers) the sides prepare at the same time (`prepare_group` of them at once), never timed: a
 program's side first checks its gradients against stock's (`kernel_lab.gradcheck`), then each side
-compiles and trains its warm-up windows. Then the measured windows of W steps alternate between the sides, one side training at a
-time, the order rotated every window so drift cancels. Every batch has the same shape B x (L + 1)
-tokens (packed), so nothing compiles in a measured window. Per window: mlx-lm's tokens/s, its
-loss, and the peak memory since the window start. This module imports no MLX: it can run in the
-evaluator's own process.
+compiles and trains its warm-up windows. Then the measured windows of W steps alternate between the
+sides, one side training at a time, the order rotated every window so drift cancels. Every batch
+has the same shape B x (L + 1) tokens (packed), so nothing compiles in a measured window. Per
+window: mlx-lm's tokens/s, its loss, and the peak memory since the window start. This module
+imports no MLX: it can run in the evaluator's own process.
 """
 
 import math
@@ -96,10 +96,11 @@ def compare_model(comp, model, programs, fine_tune_types, *, seed=0, data=None, 
         prepare = {k: budget[k] for k in ("num_layers", "rank", "scale", "learning_rate",
                                           "window_steps", "warmup_windows", "windows",
                                           "grad_check", "grad_batches", "grad_rows", "grad_check_compute")}
+        call = ("prepare", dict(prepare, fine_tune_type=ftt, seed=seed))
         prepared, group = {}, int(budget.get("prepare_group") or len(alive))
         for i in range(0, len(alive), group):  # a group at a time: each side's gradient check needs GBs
-            prepared.update(comp.together({(model, n): ("prepare", dict(prepare, fine_tune_type=ftt, seed=seed))
-                                           for n in alive[i:i + group]}, budget["prepare_timeout"]))
+            prepared.update(comp.together({(model, n): call for n in alive[i:i + group]},
+                                          budget["prepare_timeout"]))
         for name in list(alive):
             ok, value = prepared[(model, name)]
             run["sides"][name] = _new_side(value)
