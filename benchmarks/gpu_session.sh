@@ -7,11 +7,14 @@
 # the optimized program, 3 evaluations each), legit (the legit corpus on CUDA), table (the
 # benchmark table), variants (micro vs macro ordering), profiles (step profiles), diagnose (GPU clocks
 # and host CPU beside one-step profiles in separate processes and 3 stage-3 evaluations), cleared (the
-# bare step with and without mlx-lm's per-step cache clearing), compute
+# bare step with and without mlx-lm's per-step cache clearing), candidates (whole-step profiles of
+# programs side by side at the table's sizes, mlx-lm's per-step cache clearing), evaluate (full
+# evaluations of EVAL_PROGRAMS), compute
 # (legitimate programs' LoRA/DoRA gradients against stock's in bfloat16 at stage 3's sizes). Each writes logs
 # and JSON under OUT/<section>/. "Cold": MLX's kernel cache (MLX_PTX_CACHE_DIR) and the CUDA
 # driver's (CUDA_CACHE_PATH) start empty, as on a new machine; "warm": the same caches again.
-# Narrower runs: PROFILE_MODELS (profiles), VARIANT_BASES (variants), LEGIT_SEEDS (legit).
+# Narrower runs: PROFILE_MODELS (profiles), VARIANT_BASES (variants), LEGIT_SEEDS (legit); other
+# programs: CANDIDATES and CANDIDATE_ROWS (candidates), TABLE_PROGRAMS (table), EVAL_PROGRAMS (evaluate).
 set -u
 out=$1; shift
 mkdir -p "$out"
@@ -50,6 +53,24 @@ for section in "$@"; do
       python -m kernel_lab.stage3 $p --budget gpu --repeat $([ $p = none ] && echo 2 || echo 3) \
         --option windows=6 --json $out/$section/$n.json > $out/$section/$n.log 2>&1; tail -12 $out/$section/$n.log
     done ;;
+  evaluate)
+    for p in ${EVAL_PROGRAMS:-examples/optimized_program.py}; do
+      n=$(basename $p .py); stamp "evaluate $p"; start=$(date +%s)
+      KERNEL_LAB_REPORT_DIR=$out/$section python evaluator.py $p --seed 1 --json > $out/$section/$n.log 2>&1
+      echo "wall $(( $(date +%s) - start )) s" | tee -a $out/$section/$n.log
+      grep -E "^(combined_score|micro_score|macro_score|training_speedup|memory_ratio|stage[123]_seconds|error)" \
+        $out/$section/$n.log | cut -c1-400 | tr '\n' ' '; echo
+    done ;;
+  candidates)  # one process per program and row, programs side by side within a row
+    for row in ${CANDIDATE_ROWS:-smollm2-135m-q4:lora smollm2-135m-q4:dora qwen2.5-coder-0.5b-q4:lora qwen2.5-coder-0.5b-q4:dora}; do
+      m=${row%%:*} t=${row##*:}
+      for p in none ${CANDIDATES:-examples/optimized_program.py}; do
+        n=${m%%-*}_${t}_$(basename $p .py); stamp "step $m $t $p"
+        python benchmarks/profile_step.py --model $m --fine-tune-type $t --program $p --length 1023 \
+          --dtype bfloat16 --clear-cache --no-parts --json $out/$section/$n.json > $out/$section/$n.log 2>&1
+        grep -E "^(step|graph|kept|of which)|Error" $out/$section/$n.log | cut -c1-240
+      done
+    done ;;
   evals)
     for p in initial_program.py examples/optimized_program.py examples/stock_program.py; do
       n=$(basename $p .py); caches=/tmp/gpu-caches/$n; rm -rf $caches; mkdir -p $caches/ptx $caches/cuda
@@ -76,7 +97,7 @@ for section in "$@"; do
     tail -30 $out/$section/all.log ;;
   table)
     stamp "benchmark table"
-    python -m kernel_lab.benchmark initial_program.py examples/optimized_program.py --budget table \
+    python -m kernel_lab.benchmark initial_program.py ${TABLE_PROGRAMS:-examples/optimized_program.py} --budget table \
       --out $out/$section > $out/$section/benchmark.log 2>&1; tail -40 $out/$section/benchmark.log ;;
   variants)
     stamp "micro vs macro"

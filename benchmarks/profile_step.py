@@ -14,11 +14,17 @@ every kept layer gets LoRA/DoRA rank 8 (--layers K keeps the model's last K laye
    parts queue several calls per sample, as the step's kernels queue) and peak memory above the
    inputs; each part x its count as a share of the step, the rest "unattributed".
 3. memory each layer keeps for the backward: (step transient with K layers - with K/2) / (K - K/2),
-   next to the attention score matrix B x heads x L x L. Tables last; --json writes everything.
+   next to the attention score matrix B x heads x L x L.
+4. the compiled step's graph: how many primitives one step runs (after mx.compile's fusion), in
+   all and per layer (the same halving), by kind: each is a launch and host work per step.
+Tables last; --json writes everything.
 """
 
 import argparse
+import collections
+import io
 import json
+import re
 import statistics
 import sys
 import time
@@ -89,6 +95,17 @@ def build_step(model, loss_fn, optimizer):
     return step, state
 
 
+def step_graph(model, optimizer, step, batch, lengths):
+    """Counter of the primitives one more step's lazy graph holds, by name (views included)."""
+    loss, _ = step(batch, lengths)
+    outputs = [loss] + [v for _, v in tree_flatten(model.trainable_parameters())]
+    outputs += [v for _, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)]
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *outputs)
+    mx.eval(outputs)
+    return collections.Counter(re.findall(r'label ="([^"]+)"', dot.getvalue()))
+
+
 def time_step(model, loss_fn, batch, lengths, steps, warmup, clear_cache=False):
     """Median step ms, peak bytes, resident bytes (weights + Adam state + batch), last loss, the
     optimizer, every step's ms and the host's CPU share.
@@ -107,6 +124,7 @@ def time_step(model, loss_fn, batch, lengths, steps, warmup, clear_cache=False):
 
     ms, transient, resident, spread = measure(run, steps, warmup=warmup, target_s=0,
                                               after=mx.clear_cache if clear_cache else None)
+    spread["graph"] = step_graph(model, optimizer, step, batch, lengths)
     return ms, resident + transient, resident, last[0].item(), optimizer, spread
 
 
@@ -288,16 +306,19 @@ def main(argv=None):
                          peak_mb=peak / MB, weights_mb=weights / MB, resident_mb=resident / MB,
                          transient_mb=(peak - resident) / MB, step_ms=spread["ms"],
                          cpu_share=spread["cpu_share"], clear_cache_ms=spread["after_ms"],
-                         cached_mb=spread["cached_mb"]))
+                         cached_mb=spread["cached_mb"], graph=dict(spread["graph"])))
     layers = model.model.layers
     if keep >= 2:  # memory each layer keeps for the backward: the step with half the layers
         half = keep // 2
         model.model.layers = layers[keep - half:]
-        _, peak_h, resident_h, _, _, _ = time_step(model, loss_fn, batch, lengths, 1, a.warmup)
+        _, peak_h, resident_h, _, _, spread_h = time_step(model, loss_fn, batch, lengths, 1, a.warmup)
         model.model.layers = layers
         per_layer = ((peak - resident) - (peak_h - resident_h)) / (keep - half)
         res["memory"] = dict(per_layer_mb=per_layer / MB, half_layers=half,
                              half_transient_mb=(peak_h - resident_h) / MB)
+        res["step"]["graph_per_layer"] = {
+            k: (v - spread_h["graph"][k]) / (keep - half) for k, v in spread["graph"].items()
+            if v != spread_h["graph"][k]}
     mx.clear_cache()
     if a.parts:
         try:  # a family whose layers differ (fused qkv, GeGLU) still gets the step's numbers
@@ -333,6 +354,10 @@ def print_tables(res):
     if st.get("clear_cache_ms"):  # how much of a step mx.clear_cache() itself took
         print(f"of which mx.clear_cache() {statistics.median(st['clear_cache_ms']):.2f} ms (median), freeing "
               f"{statistics.median(st['cached_mb']):.0f} MB of cached buffers")
+    graph, per_layer = st.get("graph", {}), st.get("graph_per_layer", {})
+    if graph:
+        top = ", ".join(f"{k[:40]} {v:g}" for k, v in sorted(per_layer.items(), key=lambda kv: -kv[1])[:6])
+        print(f"graph: {sum(graph.values())} primitives a step, {sum(per_layer.values()):g} a layer ({top})")
     mem, line = res.get("memory", {}), []
     if "per_layer_mb" in mem:
         line.append(f"kept per layer {mem['per_layer_mb']:.1f} MB, x{res['layers']} = "
