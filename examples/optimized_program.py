@@ -16,10 +16,15 @@ do). What it does differently, and on which backend (chosen at run time):
   on CUDA the base matmul dequantizes and uses the dense matmul in both directions (MLX's
   transposed quantized matmul, the base's dx, is a naive kernel there), re-dequantizing in the
   backward rather than keeping a copy per layer. DoRA's magnitude gradient comes from the output
-  itself (out / m), so nothing of size tokens x out is kept either.
+  itself (out / m), so nothing of size tokens x out is kept either; on CUDA its row norms come from
+  the forward's one dequantized weight. The half-precision copies of A and B are made once for
+  forward and backward, and one `mx.depends` orders each backward's re-dequantization: every
+  primitive counts where the step is paced by the host (SmolLM2 on an H200).
 - linear_cross_entropy never holds all logits: tokens go through the lm_head in chunks made
   strictly sequential with `mx.depends`, and a custom VJP recomputes each chunk's logits.
-- the rest calls MLX's fused kernels (mx.fast.rms_norm, mx.fast.rope, mlx-lm's compiled swiglu).
+- swiglu: a custom VJP that recomputes sigmoid(gate) in the backward instead of keeping it (one
+  tokens x intermediate array a layer less).
+- the rest calls MLX's fused kernels (mx.fast.rms_norm, mx.fast.rope).
 """
 
 from functools import partial
@@ -74,8 +79,29 @@ def rope(x, dims, *, traditional, base, scale, offset, freqs=None):
 
 
 @partial(mx.compile, shapeless=True)
-def swiglu(gate, up):
+def _swiglu_forward(gate, up):
     return nn.silu(gate) * up
+
+
+@partial(mx.compile, shapeless=True)
+def _swiglu_backward(gate, up, cotangent):
+    g = gate.astype(F32)
+    s = mx.sigmoid(g)
+    c = cotangent.astype(F32)
+    d_gate = c * up.astype(F32) * s * (1 + g * (1 - s))
+    return d_gate.astype(gate.dtype), (c * g * s).astype(up.dtype)
+
+
+@mx.custom_function
+def swiglu(gate, up):
+    # A custom VJP that recomputes sigmoid(gate) in the backward: autodiff of silu would
+    # keep it, one more tokens x intermediate array per layer.
+    return _swiglu_forward(gate, up)
+
+
+@swiglu.vjp
+def _swiglu_vjp(primals, cotangent, output):
+    return _swiglu_backward(*primals, cotangent)
 
 
 # ------------------------------------------------------------------ attention
@@ -243,18 +269,24 @@ def linear_cross_entropy(
 # ------------------------------------------------------------------ LoRA / DoRA
 
 
-def _low_rank(x, a, b, scale):
-    """scale * (x @ a) @ b in x's dtype: in half precision on a GPU, else in float32 as mlx-lm."""
-    if _half_lora(x.dtype):
-        return scale * ((x @ a.astype(x.dtype)) @ b.astype(x.dtype))
+def _half_copies(a, b, dtype):
+    """(a, b) in the activations' half precision on a GPU, made once for forward and backward;
+    else None (the low-rank product runs in float32, as mlx-lm's)."""
+    return (a.astype(dtype), b.astype(dtype)) if _half_lora(dtype) else None
+
+
+def _low_rank(x, a, b, scale, half):
+    """scale * (x @ a) @ b in x's dtype."""
+    if half is not None:
+        return scale * ((x @ half[0]) @ half[1])
     return (scale * ((x.astype(F32) @ a) @ b)).astype(x.dtype)
 
 
-def _low_rank_grads(x, g, a, b, scale):
+def _low_rank_grads(x, g, a, b, scale, half):
     """(dx of the low-rank term, da, db) for cotangent g; a and b gradients in float32."""
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    if _half_lora(x.dtype):
-        ah, bh = a.astype(x.dtype), b.astype(x.dtype)
+    if half is not None:
+        ah, bh = half
         gb = g2 @ bh.T
         dx = (scale * gb) @ ah.T
         da = scale * (x2.T.astype(F32) @ gb.astype(F32))
@@ -271,26 +303,27 @@ def _low_rank_grads(x, g, a, b, scale):
 def lora_linear(
     x, weight, scales, biases, lora_a, lora_b, scale, *, group_size, bits, bias=None
 ):
+    half = _half_copies(mx.stop_gradient(lora_a), mx.stop_gradient(lora_b), x.dtype)
+
     @mx.custom_function
     def lora(x, a, b):
         forward, _ = _base(weight, scales, biases, group_size, bits, x.dtype)
-        return forward(x) + _low_rank(x, a, b, scale)
+        return forward(x) + _low_rank(x, a, b, scale, half)
 
     @lora.vjp
     def lora_vjp(primals, cotangent, output):
         x, a, b = primals
         # The base weight again, after the cotangent exists: no dequantized copy kept alive.
-        _, backward = _base(*_after(cotangent, weight, scales, biases), group_size, bits, x.dtype)
-        dx, da, db = _low_rank_grads(x, cotangent, a, b, scale)
+        _, backward = _base(mx.depends(weight, cotangent), scales, biases, group_size, bits, x.dtype)
+        dx, da, db = _low_rank_grads(x, cotangent, a, b, scale, half)
         return backward(cotangent) + dx, da, db
 
     y = lora(x, lora_a, lora_b)
     return y if bias is None else y + bias
 
 
-def _adapted_row_norms(weight, scales, biases, group_size, bits, a, b, scale):
+def _row_norms(w, a, b, scale):
     """||W_j + scale (a @ b)^T_j|| per output row, in float32 (no gradient flows through it)."""
-    w = weight if scales is None else mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits)
     adapted = w.astype(F32) + scale * (a @ b).T
     return mx.sqrt(mx.sum(adapted * adapted, axis=1))
 
@@ -299,20 +332,30 @@ def dora_linear(
     x, weight, scales, biases, lora_a, lora_b, scale, magnitude, *, group_size, bits, bias=None
 ):
     a, b = mx.stop_gradient(lora_a), mx.stop_gradient(lora_b)
-    denom = mx.stop_gradient(_adapted_row_norms(weight, scales, biases, group_size, bits, a, b, scale))
+    if scales is None:
+        w = weight
+    elif _dense_base():  # one dequantized copy serves the row norms and the forward matmul
+        w = _dequantized(weight, scales, biases, group_size, bits, x.dtype)
+    else:
+        w = mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits)
+    denom = mx.stop_gradient(_row_norms(w, a, b, scale))
+    half = _half_copies(a, b, x.dtype)
 
     @mx.custom_function
     def dora(x, a, b, m):
-        forward, _ = _base(weight, scales, biases, group_size, bits, x.dtype)
-        return (m / denom).astype(x.dtype) * (forward(x) + _low_rank(x, a, b, scale))
+        if scales is None or _dense_base():
+            pre = x @ w.T
+        else:
+            pre = _base(weight, scales, biases, group_size, bits, x.dtype)[0](x)
+        return (m / denom).astype(x.dtype) * (pre + _low_rank(x, a, b, scale, half))
 
     @dora.vjp
     def dora_vjp(primals, cotangent, output):
         x, a, b, m = primals
-        _, backward = _base(*_after(cotangent, weight, scales, biases), group_size, bits, x.dtype)
+        _, backward = _base(mx.depends(weight, cotangent), scales, biases, group_size, bits, x.dtype)
         rescale = m / denom
         g = cotangent * rescale.astype(cotangent.dtype)
-        dx, da, db = _low_rank_grads(x, g, a, b, scale)
+        dx, da, db = _low_rank_grads(x, g, a, b, scale, half)
         # out = (m / denom) * pre, so d out / d m_j = pre_j / denom_j = out_j / m_j: nothing of
         # size tokens x out is kept for it. (A row with m_j = 0 has out_j = 0 and gets no
         # magnitude gradient; m starts at the base row's norm, so only an all-zero base row.)
