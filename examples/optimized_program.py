@@ -275,29 +275,35 @@ def _half_copies(a, b, dtype):
     return (a.astype(dtype), b.astype(dtype)) if _half_lora(dtype) else None
 
 
-def _low_rank(x, a, b, scale, half):
-    """scale * (x @ a) @ b in x's dtype."""
+def _plus_low_rank(y, x, a, b, scale, half):
+    """y + scale * (x @ a) @ b for 2-D x and y, in y's dtype (one fused addmm in half precision)."""
     if half is not None:
-        return scale * ((x @ half[0]) @ half[1])
-    return (scale * ((x.astype(F32) @ a) @ b)).astype(x.dtype)
+        return mx.addmm(y, x @ half[0], half[1], alpha=scale)
+    return y + (scale * ((x.astype(F32) @ a) @ b)).astype(y.dtype)
 
 
-def _low_rank_grads(x, g, a, b, scale, half):
-    """(dx of the low-rank term, da, db) for cotangent g; a and b gradients in float32."""
-    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+def _low_rank_grads(x, g, dx_base, a, b, scale, half):
+    """(dx_base + dx of the low-rank term, da, db) for 2-D x and cotangent g; da, db in float32.
+
+    In half precision the matmuls take the half copies and their results are cast (cuBLAS and
+    Metal accumulate in float32), instead of float32 copies of x and g: fewer, smaller arrays."""
     if half is not None:
         ah, bh = half
-        gb = g2 @ bh.T
-        dx = (scale * gb) @ ah.T
-        da = scale * (x2.T.astype(F32) @ gb.astype(F32))
-        db = scale * ((x2 @ ah).T.astype(F32) @ g2.astype(F32))
-    else:
-        x32, g32 = x2.astype(F32), g2.astype(F32)
-        gb = g32 @ b.T
-        dx = ((scale * gb) @ a.T).astype(x.dtype)
-        da = scale * (x32.T @ gb)
-        db = scale * ((x32 @ a).T @ g32)
-    return dx.reshape(x.shape), da, db
+        gb = g @ bh.T
+        dx = mx.addmm(dx_base, gb, ah.T, alpha=scale)
+        da = scale * (x.T @ gb).astype(F32)
+        db = scale * ((x @ ah).T @ g).astype(F32)
+        return dx, da, db
+    x32, g32 = x.astype(F32), g.astype(F32)
+    gb = g32 @ b.T
+    dx = dx_base + ((scale * gb) @ a.T).astype(dx_base.dtype)
+    return dx, scale * (x32.T @ gb), scale * ((x32 @ a).T @ g32)
+
+
+def _tokens(x):
+    """x as a tokens x features matrix: the custom functions below work on 2-D arrays, so
+    their matmuls need no flatten / unflatten of a batch axis each."""
+    return x.reshape(-1, x.shape[-1])
 
 
 def lora_linear(
@@ -308,17 +314,16 @@ def lora_linear(
     @mx.custom_function
     def lora(x, a, b):
         forward, _ = _base(weight, scales, biases, group_size, bits, x.dtype)
-        return forward(x) + _low_rank(x, a, b, scale, half)
+        return _plus_low_rank(forward(x), x, a, b, scale, half)
 
     @lora.vjp
     def lora_vjp(primals, cotangent, output):
         x, a, b = primals
         # The base weight again, after the cotangent exists: no dequantized copy kept alive.
         _, backward = _base(mx.depends(weight, cotangent), scales, biases, group_size, bits, x.dtype)
-        dx, da, db = _low_rank_grads(x, cotangent, a, b, scale, half)
-        return backward(cotangent) + dx, da, db
+        return _low_rank_grads(x, cotangent, backward(cotangent), a, b, scale, half)
 
-    y = lora(x, lora_a, lora_b)
+    y = lora(_tokens(x), lora_a, lora_b).reshape(*x.shape[:-1], -1)
     return y if bias is None else y + bias
 
 
@@ -347,23 +352,21 @@ def dora_linear(
             pre = x @ w.T
         else:
             pre = _base(weight, scales, biases, group_size, bits, x.dtype)[0](x)
-        return (m / denom).astype(x.dtype) * (pre + _low_rank(x, a, b, scale, half))
+        return (m / denom).astype(x.dtype) * _plus_low_rank(pre, x, a, b, scale, half)
 
     @dora.vjp
     def dora_vjp(primals, cotangent, output):
         x, a, b, m = primals
         _, backward = _base(mx.depends(weight, cotangent), scales, biases, group_size, bits, x.dtype)
-        rescale = m / denom
-        g = cotangent * rescale.astype(cotangent.dtype)
-        dx, da, db = _low_rank_grads(x, g, a, b, scale, half)
+        g = cotangent * (m / denom).astype(cotangent.dtype)
+        dx, da, db = _low_rank_grads(x, g, backward(g), a, b, scale, half)
         # out = (m / denom) * pre, so d out / d m_j = pre_j / denom_j = out_j / m_j: nothing of
         # size tokens x out is kept for it. (A row with m_j = 0 has out_j = 0 and gets no
         # magnitude gradient; m starts at the base row's norm, so only an all-zero base row.)
-        flat = (cotangent * output).reshape(-1, output.shape[-1])
-        dm = mx.sum(flat.astype(F32), axis=0) / mx.where(m == 0, 1, m)
-        return backward(g) + dx, da, db, dm
+        dm = mx.sum((cotangent * output).astype(F32), axis=0) / mx.where(m == 0, 1, m)
+        return dx, da, db, dm
 
-    out = dora(x, lora_a, lora_b, magnitude)
+    out = dora(_tokens(x), lora_a, lora_b, magnitude).reshape(*x.shape[:-1], -1)
     return out if bias is None else out + bias
 
 
