@@ -12,7 +12,8 @@ do). What it does differently, and on which backend (chosen at run time):
   L x L matrix is kept (not measured here: no Apple GPU). Elsewhere mx.fast's.
 - lora_linear / dora_linear: custom VJPs that keep only the layer's input (in its own dtype) for
   the backward, instead of mlx-lm's float32 copies; on a GPU with half-precision activations the
-  low-rank product runs in that precision (float32 accumulation; parameter gradients in float32);
+  low-rank product runs in that precision (float32 accumulation; parameter gradients in float32),
+  on tokens x features matrices with the low-rank term added by `mx.addmm` in both directions;
   on CUDA the base matmul dequantizes and uses the dense matmul in both directions (MLX's
   transposed quantized matmul, the base's dx, is a naive kernel there), re-dequantizing in the
   backward rather than keeping a copy per layer. DoRA's magnitude gradient comes from the output
