@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The issue-11 evidence in one GPU job: bash benchmarks/candidates/run_h200_final.sh OUT
+# The issue-11 evidence in one GPU job: bash benchmarks/run_issue11.sh OUT
 # The optimized program's full evaluation, the benchmark table (the optimized program against stock;
 # the starting program's rows are in earlier tables), the starting program's full evaluation, then
 # whole-step profiles of stock and the optimized program on every row. The first section pays the
