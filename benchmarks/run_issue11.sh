@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The issue-11 evidence in one GPU job: bash benchmarks/run_issue11.sh OUT
-# The optimized program's full evaluation, the benchmark table (the optimized program against stock;
-# the starting program's rows are in earlier tables), the starting program's full evaluation, then
-# whole-step profiles of stock and the optimized program on every row. The first section pays the
-# cold machine's kernel compiling.
+# The issue-11 evidence in one GPU job, most needed first: bash benchmarks/run_issue11.sh OUT
+# 1. stage 3 of the optimized program alone (the evaluator's training comparison, every row, 4x1023);
+# 2. the benchmark table's training rows (8x1023; --no-micro: stage 2 has the kernels);
+# 3. the full evaluations of the optimized and the starting programs; 4. whole-step profiles.
+# The first section pays the cold machine's kernel compiling.
 set -u
-out=$1
+out=$1; mkdir -p $out/stage3 $out/table
+stamp() { echo "[$(date +%H:%M:%S)] $*"; }
+stamp "stage 3 of examples/optimized_program.py"
+python -m kernel_lab.stage3 examples/optimized_program.py --budget gpu --json $out/stage3/optimized.json \
+  > $out/stage3/optimized.log 2>&1; tail -14 $out/stage3/optimized.log
+stamp "benchmark table, training rows"
+python -m kernel_lab.benchmark examples/optimized_program.py --budget table --no-micro --out $out/table \
+  > $out/table/benchmark.log 2>&1; tail -24 $out/table/benchmark.log
 S="bash benchmarks/gpu_session.sh $out"
-EVAL_PROGRAMS=examples/optimized_program.py $S evaluate
-mkdir -p $out/table; echo "[$(date +%H:%M:%S)] benchmark table"
-python -m kernel_lab.benchmark examples/optimized_program.py --budget table --out $out/table \
-  > $out/table/benchmark.log 2>&1; tail -30 $out/table/benchmark.log
-EVAL_PROGRAMS=initial_program.py $S evaluate
+EVAL_PROGRAMS="examples/optimized_program.py initial_program.py" $S evaluate
 $S candidates
