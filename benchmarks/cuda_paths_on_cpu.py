@@ -1,0 +1,39 @@
+"""A copy of a program whose device checks say CUDA, to count its compiled step on the CPU.
+
+    python benchmarks/cuda_paths_on_cpu.py examples/optimized_program.py /tmp/as_cuda.py
+    python benchmarks/profile_step.py --program /tmp/as_cuda.py --dtype bfloat16 --batch 1 \
+        --length 32 --layers 4 --steps 1 --warmup 1 --no-parts
+
+The optimized program picks its code paths at run time (`_cuda()`, `_half_lora()`, the GPU's
+`mx.fast.cross_entropy`); with them forced, `profile_step.py`'s primitive count of the step runs the
+CUDA paths' graph on a CPU. The CPU build splits some primitives that CUDA runs as one
+(dequantize, the mx.fast fallbacks), so compare programs counted the same way, not with GPU counts.
+"""
+
+import sys
+from pathlib import Path
+
+SWAPS = [
+    ("def _cuda():\n    return mx.default_device() == mx.gpu and mx.cuda.is_available()",
+     "def _cuda():\n    return True"),
+    ("return dtype in (mx.bfloat16, mx.float16) and mx.default_device() == mx.gpu",
+     "return dtype in (mx.bfloat16, mx.float16)"),
+    ("    if mx.default_device() == mx.gpu:\n        return mx.fast.cross_entropy",
+     "    if True:\n        return mx.fast.cross_entropy"),
+]
+
+
+def as_cuda(source):
+    """The source with every device check of SWAPS forced; a check not found is an error."""
+    for old, new in SWAPS:
+        if old not in source:
+            raise SystemExit(f"not found in the program (is it the optimized program?):\n{old}")
+        source = source.replace(old, new)
+    return source
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit(__doc__)
+    Path(sys.argv[2]).write_text(as_cuda(Path(sys.argv[1]).read_text()))
+    print(f"wrote {sys.argv[2]}")
