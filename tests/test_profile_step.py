@@ -47,3 +47,20 @@ def test_profile_stock_and_patched_step(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("unattributed") == 2  # the table comes last: the device tool keeps the tail
     assert printed.rstrip().splitlines()[-1].startswith("layer whole")
+
+
+def test_cuda_paths_on_cpu_forces_every_device_check(tmp_path):
+    spec = importlib.util.spec_from_file_location("cuda_paths", ROOT / "benchmarks/cuda_paths_on_cpu.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    copy = tmp_path / "as_cuda.py"
+    copy.write_text(script.as_cuda((ROOT / "examples/optimized_program.py").read_text()))
+    spec = importlib.util.spec_from_file_location("as_cuda", copy)
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    import mlx.core as mx
+
+    assert program._cuda() and program._dense_base() and program._pad_attention()
+    assert program._half_lora(mx.bfloat16) and not program._half_lora(mx.float32)
+    with pytest.raises(SystemExit):  # a program without those checks is an error, not a silent copy
+        script.as_cuda((ROOT / "initial_program.py").read_text())
