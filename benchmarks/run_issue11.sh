@@ -3,7 +3,9 @@
 # 1. stage 3 of the optimized program alone (the evaluator's training comparison, every row, 4x1023);
 # 2. the benchmark table's training rows (8x1023; --no-micro: stage 2 has the kernels);
 # 3. the full evaluations of the optimized and the starting programs; 4. whole-step profiles.
-# The first section pays the cold machine's kernel compiling.
+# The first section pays the cold machine's kernel compiling (minutes). PTX_OUT=DIR also packs the
+# compiled kernels there in 15 MB parts, to carry to a later machine and unpack before any MLX runs:
+#   cat DIR/ptx.tgz.* | tar -C "$KERNEL_LAB_CACHE" -xzf -   (kernel_lab.machine.cache_dir())
 set -u
 out=$1; mkdir -p $out/stage3 $out/table
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
@@ -16,3 +18,8 @@ python -m kernel_lab.benchmark examples/optimized_program.py --budget table --no
 S="bash benchmarks/gpu_session.sh $out"
 EVAL_PROGRAMS="examples/optimized_program.py initial_program.py" $S evaluate
 $S candidates
+if [ -n "${PTX_OUT:-}" ]; then
+  mkdir -p "$PTX_OUT"; stamp "packing the PTX cache into $PTX_OUT"
+  tar -C "$(python -c "from kernel_lab.machine import cache_dir; print(cache_dir())")" -czf - mlx-ptx | split -b 15M - "$PTX_OUT/ptx.tgz."
+  ls -l "$PTX_OUT"
+fi
