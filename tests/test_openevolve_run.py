@@ -101,3 +101,8 @@ def test_openevolve_run_evolves_a_program(llm_server, tmp_path):
     assert metrics["micro_score"] > 0, metrics
     best = checkpoints[-1] / "best_program.py"
     assert best.is_file() and "def rms_norm" in best.read_text()
+    info = json.loads((checkpoints[-1] / "best_program_info.json").read_text())
+    # The best program (starting or evolved) passes stage 1 and is timed in stage 2.
+    assert info["metrics"]["combined_score"] > score.STAGE1_PASS_SCORE, info["metrics"]
+    assert info["metrics"]["correct_fraction"] == 1.0
+    assert "micro_score" in info["metrics"]

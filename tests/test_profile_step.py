@@ -50,15 +50,14 @@ def test_profile_stock_and_patched_step(tmp_path, capsys):
 
 
 def test_cuda_paths_on_cpu_forces_every_device_check(tmp_path):
-    spec = importlib.util.spec_from_file_location("cuda_paths", ROOT / "benchmarks/cuda_paths_on_cpu.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    import mlx.core as mx
+
+    from kernel_lab.contract import load_module
+
+    script = load_module(ROOT / "benchmarks/cuda_paths_on_cpu.py")
     copy = tmp_path / "as_cuda.py"
     copy.write_text(script.as_cuda((ROOT / "examples/optimized_program.py").read_text()))
-    spec = importlib.util.spec_from_file_location("as_cuda", copy)
-    program = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(program)
-    import mlx.core as mx
+    program = load_module(copy)
 
     assert program._cuda() and program._dense_base() and program._pad_attention()
     assert program._half_lora(mx.bfloat16) and not program._half_lora(mx.float32)
