@@ -12,12 +12,14 @@ from kernel_lab.models import registry
 from kernel_lab.models.cache import CONVERTER_VERSION, MARKER
 from kernel_lab.sandbox import TaskResult
 
-RESULTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*/*/benchmark.json"))
+SAVED = Path(__file__).resolve().parents[1] / "benchmarks"
+# The first day's set, one run a folder (micro, and each training row); later tables are whole runs.
+RESULTS = sorted(SAVED.glob("h200-2026-11-22/*/benchmark.json"))
 
 
-def _load():
+def _load(paths=RESULTS):
     macro, micro = [], None
-    for path in RESULTS:
+    for path in paths:
         payload = json.loads(path.read_text())
         macro += payload.get("macro") or []
         micro = payload.get("micro") or micro
@@ -34,6 +36,16 @@ def test_saved_gpu_results_summarize():
     assert table["initial_program"]["combined"] == 0.0
     text = benchmark.format_tables(macro, micro) + benchmark.format_scores(table)
     assert "optimized_program" in text and "roof" in text and "LOSS MISMATCH" in text
+
+
+def test_saved_table_without_micro_scores_training_only():
+    # `--no-micro` (benchmarks/h100-2026-12-06): macro scores, no combined one without stage 2
+    macro, micro = _load([SAVED / "h100-2026-12-06/table/benchmark.json"])
+    assert micro is None
+    table = benchmark.scores(macro, micro)
+    assert table["optimized_program"]["macro"] > 1.0 and table["optimized_program"]["loss_matches"]
+    assert "combined" not in table["optimized_program"]
+    assert "optimized_program" in benchmark.format_tables(macro, micro)
 
 
 def test_scores_follow_the_evaluator_formulas():
