@@ -15,12 +15,14 @@ do). What it does differently, and on which backend (chosen at run time):
   low-rank product runs in that precision (float32 accumulation; parameter gradients in float32),
   on tokens x features matrices with the low-rank term added by `mx.addmm` in both directions;
   on CUDA the base matmul dequantizes and uses the dense matmul in both directions (MLX's
-  transposed quantized matmul, the base's dx, is a naive kernel there), re-dequantizing in the
-  backward rather than keeping a copy per layer. DoRA's magnitude gradient comes from the output
-  itself (out / m), so nothing of size tokens x out is kept either; on CUDA its row norms come from
+  transposed quantized matmul, the base's dx, is a naive kernel there); the backward keeps the
+  forward's dequantized weight where it is at most half the size of the layer's input and
+  dequantizes again where it is larger (Qwen's gate and up projections at 4 or 8 x 1024
+  tokens). DoRA's magnitude gradient comes from the output itself (out / m), so nothing of size
+  tokens x out is kept either; on CUDA its row norms come from
   the forward's one dequantized weight. The half-precision copies of A and B are made once for
-  forward and backward, and one `mx.depends` orders each backward's re-dequantization: every
-  primitive counts where the step is paced by the host (SmolLM2 on an H200).
+  forward and backward, and DoRA's row norms are summed in the (in, out) layout: every primitive
+  counts where the step is paced by the host (SmolLM2 on an H200 and an H100).
 - linear_cross_entropy never holds all logits: tokens go through the lm_head in chunks made
   strictly sequential with `mx.depends`, and a custom VJP recomputes each chunk's logits.
 - swiglu: a custom VJP that recomputes sigmoid(gate) in the backward instead of keeping it (one
@@ -301,6 +303,17 @@ def _low_rank_grads(x, g, dx_base, a, b, scale, half):
     return dx, scale * (x32.T @ gb), scale * ((x32 @ a).T @ g32)
 
 
+def _backward_base(backward, x, cotangent, weight, scales, biases, group_size, bits):
+    """The VJP's g -> g @ W: the forward's own (its dense or quantized W), unless W was
+    dequantized and is more than half the size of the input x (tokens x in) it multiplies; then
+    W is dequantized again once the cotangent exists, so no large copy stays alive from forward
+    to backward. Keeping a small one saves a dequantize and a `mx.depends` a projection:
+    host-paced steps (SmolLM2) are short of primitives, not of memory."""
+    if scales is None or not _dense_base() or 2 * weight.shape[0] <= x.shape[0]:
+        return backward
+    return _base(mx.depends(weight, cotangent), scales, biases, group_size, bits, x.dtype)[1]
+
+
 def _tokens(x):
     """x as a tokens x features matrix: the custom functions below work on 2-D arrays, so
     their matmuls need no flatten / unflatten of a batch axis each."""
@@ -312,26 +325,28 @@ def lora_linear(
 ):
     half = _half_copies(mx.stop_gradient(lora_a), mx.stop_gradient(lora_b), x.dtype)
 
+    forward, backward = _base(weight, scales, biases, group_size, bits, x.dtype)
+
     @mx.custom_function
     def lora(x, a, b):
-        forward, _ = _base(weight, scales, biases, group_size, bits, x.dtype)
         return _plus_low_rank(forward(x), x, a, b, scale, half)
 
     @lora.vjp
     def lora_vjp(primals, cotangent, output):
         x, a, b = primals
-        # The base weight again, after the cotangent exists: no dequantized copy kept alive.
-        _, backward = _base(mx.depends(weight, cotangent), scales, biases, group_size, bits, x.dtype)
-        return _low_rank_grads(x, cotangent, backward(cotangent), a, b, scale, half)
+        base = _backward_base(backward, x, cotangent, weight, scales, biases, group_size, bits)
+        return _low_rank_grads(x, cotangent, base(cotangent), a, b, scale, half)
 
     y = lora(_tokens(x), lora_a, lora_b).reshape(*x.shape[:-1], -1)
     return y if bias is None else y + bias
 
 
 def _row_norms(w, a, b, scale):
-    """||W_j + scale (a @ b)^T_j|| per output row, in float32 (no gradient flows through it)."""
-    adapted = w.astype(F32) + scale * (a @ b).T
-    return mx.sqrt(mx.sum(adapted * adapted, axis=1))
+    """||W_j + scale (a @ b)^T_j|| per output row as a (1, out) row, in float32 (no gradient
+    flows through it). Summed over axis 0 of the (in, out) layout with keepdims: no transpose of
+    a @ b and no squeeze, two primitives fewer a layer."""
+    adapted = w.T.astype(F32) + scale * (a @ b)
+    return mx.sqrt(mx.sum(adapted * adapted, axis=0, keepdims=True))
 
 
 def dora_linear(
@@ -346,21 +361,21 @@ def dora_linear(
         w = mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits)
     denom = mx.stop_gradient(_row_norms(w, a, b, scale))
     half = _half_copies(a, b, x.dtype)
+    if scales is None or _dense_base():
+        forward, backward = (lambda x: x @ w.T), (lambda g: g @ w)
+    else:
+        forward, backward = _base(weight, scales, biases, group_size, bits, x.dtype)
 
     @mx.custom_function
     def dora(x, a, b, m):
-        if scales is None or _dense_base():
-            pre = x @ w.T
-        else:
-            pre = _base(weight, scales, biases, group_size, bits, x.dtype)[0](x)
-        return (m / denom).astype(x.dtype) * _plus_low_rank(pre, x, a, b, scale, half)
+        return (m / denom).astype(x.dtype) * _plus_low_rank(forward(x), x, a, b, scale, half)
 
     @dora.vjp
     def dora_vjp(primals, cotangent, output):
         x, a, b, m = primals
-        _, backward = _base(mx.depends(weight, cotangent), scales, biases, group_size, bits, x.dtype)
+        base = _backward_base(backward, x, cotangent, weight, scales, biases, group_size, bits)
         g = cotangent * (m / denom).astype(cotangent.dtype)
-        dx, da, db = _low_rank_grads(x, g, backward(g), a, b, scale, half)
+        dx, da, db = _low_rank_grads(x, g, base(g), a, b, scale, half)
         # out = (m / denom) * pre, so d out / d m_j = pre_j / denom_j = out_j / m_j: nothing of
         # size tokens x out is kept for it. (A row with m_j = 0 has out_j = 0 and gets no
         # magnitude gradient; m starts at the base row's norm, so only an all-zero base row.)

@@ -63,3 +63,46 @@ def test_cuda_paths_on_cpu_forces_every_device_check(tmp_path):
     assert program._half_lora(mx.bfloat16) and not program._half_lora(mx.float32)
     with pytest.raises(SystemExit):  # a program without those checks is an error, not a silent copy
         script.as_cuda((ROOT / "initial_program.py").read_text())
+    # --keep-weights: the backward keeps the forward's weight however few the tokens
+    kept_copy = tmp_path / "kept.py"
+    kept_copy.write_text(script.as_cuda((ROOT / "examples/optimized_program.py").read_text(),
+                                        keep_weights=True))
+    kept = load_module(kept_copy)
+    x = mx.zeros((4, 32))  # 4 tokens
+    weight, scales = mx.zeros((64, 4), dtype=mx.uint32), mx.ones((64, 1))  # 64 outputs, 4-bit
+    assert kept._backward_base("forward's", x, x, weight, scales, scales, 32, 4) == "forward's"
+    assert program._backward_base("forward's", x, x, weight, scales, scales, 32, 4) != "forward's"
+
+
+@pytest.mark.parametrize("kernel", ["lora_linear", "dora_linear"])
+@pytest.mark.parametrize("tokens", [64, 512])  # the forward's weight dequantized again / kept
+def test_cuda_paths_match_stock_on_cpu(tmp_path, kernel, tokens):
+    # The CUDA branches of lora_linear / dora_linear (a dense base; the backward keeps the forward's
+    # dequantized weight where out <= tokens / 2, here 128 <= 256, else dequantizes it again) never
+    # run on a CPU otherwise: values and gradients against stock mlx-lm's, float32.
+    import mlx.core as mx
+
+    from kernel_lab.contract import load_module
+    from kernel_lab.ops import STOCK
+
+    script = load_module(ROOT / "benchmarks/cuda_paths_on_cpu.py")
+    copy = tmp_path / "as_cuda.py"
+    copy.write_text(script.as_cuda((ROOT / "examples/optimized_program.py").read_text()))
+    program = load_module(copy)
+    mx.random.seed(tokens)
+    in_dim, out_dim, rank = 96, 128, 8
+    weight, scales, biases = mx.quantize(mx.random.normal((out_dim, in_dim)) * 0.1, group_size=32, bits=4)
+    x = mx.random.normal((2, tokens // 2, in_dim))
+    a, b = mx.random.normal((in_dim, rank)) * 0.1, mx.random.normal((rank, out_dim)) * 0.1
+    extra = (mx.random.uniform(0.5, 1.5, (out_dim,)),) if kernel == "dora_linear" else ()
+    cotangent = mx.random.normal((2, tokens // 2, out_dim))
+
+    def run(fn):
+        def f(x, a, b, *m):
+            return fn(x, weight, scales, biases, a, b, 2.0, *m, group_size=32, bits=4)
+        out, grads = mx.vjp(f, [x, a, b, *extra], [cotangent])
+        return [out[0], *grads]
+
+    got, want = run(getattr(program, kernel)), run(getattr(STOCK, kernel))
+    for name, g, w in zip(["out", "dx", "da", "db", "dm"], got, want):
+        assert mx.allclose(g, w, rtol=1e-4, atol=1e-4).item(), (name, mx.abs(g - w).max().item())
