@@ -13,7 +13,7 @@ a weight is at most half the size of the layer's input (SmolLM2 at 4 x 1023 toke
 a CPU counts at 32 tokens in seconds instead of at thousands in many minutes.
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 SWAPS = [
@@ -40,10 +40,11 @@ def as_cuda(source, keep_weights=False):
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    keep = "--keep-weights" in args
-    args = [a for a in args if a != "--keep-weights"]
-    if len(args) != 2:
-        raise SystemExit(__doc__)
-    Path(args[1]).write_text(as_cuda(Path(args[0]).read_text(), keep_weights=keep))
-    print(f"wrote {args[1]}")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("program")
+    parser.add_argument("copy")
+    parser.add_argument("--keep-weights", action="store_true",
+                        help="the backward keeps every dequantized weight (see above)")
+    args = parser.parse_args()
+    Path(args.copy).write_text(as_cuda(Path(args.program).read_text(), keep_weights=args.keep_weights))
+    print(f"wrote {args.copy}")

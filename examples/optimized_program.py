@@ -361,8 +361,8 @@ def dora_linear(
         w = mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits)
     denom = mx.stop_gradient(_row_norms(w, a, b, scale))
     half = _half_copies(a, b, x.dtype)
-    if scales is None or _dense_base():
-        forward, backward = (lambda x: x @ w.T), (lambda g: g @ w)
+    if scales is None or _dense_base():  # the dense pair over the one dequantized copy
+        forward, backward = _base(w, None, None, group_size, bits, x.dtype)
     else:
         forward, backward = _base(weight, scales, biases, group_size, bits, x.dtype)
 

@@ -49,25 +49,27 @@ def test_profile_stock_and_patched_step(tmp_path, capsys):
     assert printed.rstrip().splitlines()[-1].startswith("layer whole")
 
 
-def test_cuda_paths_on_cpu_forces_every_device_check(tmp_path):
-    import mlx.core as mx
-
+def _cuda_copy(tmp_path, keep_weights=False):
+    """(benchmarks/cuda_paths_on_cpu.py as a module, the optimized program with CUDA paths forced)."""
     from kernel_lab.contract import load_module
 
     script = load_module(ROOT / "benchmarks/cuda_paths_on_cpu.py")
-    copy = tmp_path / "as_cuda.py"
-    copy.write_text(script.as_cuda((ROOT / "examples/optimized_program.py").read_text()))
-    program = load_module(copy)
+    copy = tmp_path / f"as_cuda_{int(keep_weights)}.py"
+    copy.write_text(script.as_cuda((ROOT / "examples/optimized_program.py").read_text(), keep_weights))
+    return script, load_module(copy)
+
+
+def test_cuda_paths_on_cpu_forces_every_device_check(tmp_path):
+    import mlx.core as mx
+
+    script, program = _cuda_copy(tmp_path)
 
     assert program._cuda() and program._dense_base() and program._pad_attention()
     assert program._half_lora(mx.bfloat16) and not program._half_lora(mx.float32)
     with pytest.raises(SystemExit):  # a program without those checks is an error, not a silent copy
         script.as_cuda((ROOT / "initial_program.py").read_text())
     # --keep-weights: the backward keeps the forward's weight however few the tokens
-    kept_copy = tmp_path / "kept.py"
-    kept_copy.write_text(script.as_cuda((ROOT / "examples/optimized_program.py").read_text(),
-                                        keep_weights=True))
-    kept = load_module(kept_copy)
+    _, kept = _cuda_copy(tmp_path, keep_weights=True)
     x = mx.zeros((4, 32))  # 4 tokens
     weight, scales = mx.zeros((64, 4), dtype=mx.uint32), mx.ones((64, 1))  # 64 outputs, 4-bit
     assert kept._backward_base("forward's", x, x, weight, scales, scales, 32, 4) == "forward's"
@@ -82,13 +84,9 @@ def test_cuda_paths_match_stock_on_cpu(tmp_path, kernel, tokens):
     # run on a CPU otherwise: values and gradients against stock mlx-lm's, float32.
     import mlx.core as mx
 
-    from kernel_lab.contract import load_module
     from kernel_lab.ops import STOCK
 
-    script = load_module(ROOT / "benchmarks/cuda_paths_on_cpu.py")
-    copy = tmp_path / "as_cuda.py"
-    copy.write_text(script.as_cuda((ROOT / "examples/optimized_program.py").read_text()))
-    program = load_module(copy)
+    _, program = _cuda_copy(tmp_path)
     mx.random.seed(tokens)
     in_dim, out_dim, rank = 96, 128, 8
     weight, scales, biases = mx.quantize(mx.random.normal((out_dim, in_dim)) * 0.1, group_size=32, bits=4)
