@@ -60,7 +60,8 @@ def compare_sides(programs, budget=None, *, models=None, fine_tune_types=("lora"
             row = {"side": name, "model": run["model"], "fine_tune_type": run["fine_tune_type"],
                    "ok": side is not None and error is None and bool(side["tokens_per_second"])}
             if not row["ok"]:
-                row["error"] = error or "not measured (stock mlx-lm failed)"
+                row["error"] = error or ("not measured: no program was left to compare with"
+                                         if name == "stock" else "not measured (stock mlx-lm failed)")
                 rows.append(row)
                 continue
             reports = side["reports"]

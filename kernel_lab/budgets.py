@@ -24,7 +24,10 @@ A budget's entries:
                   gradients are wrong in that dtype only, at the cost of a second pass
   prepare_group   sides that prepare (gradient check, compile, warm-up) at the same time (0: all):
                   nine benchmark sides checking SmolLM2's gradients in float32 at once ran an H200
-                  out of memory (benchmarks/h200-2026-11-22e); stage 3 has two sides, the table three
+                  out of memory (benchmarks/h200-2026-11-22e). Stage 3 prepares its two sides
+                  together; the table one side at a time: on an 80 GB H100 the candidate's float32
+                  check of Qwen's DoRA gradients ran out of memory beside stock's 8 x 1024 warm-up
+                  (benchmarks/h100-2026-12-06b), which at 4 x 1024 (stage 3) fit
   dtype           None: float32 on the CPU, the model's own dtype on a GPU
   max_chars       longest example of the embedded data set, in characters (before packing)
   preload         load every model's workers at the start, at the same time (else model by model)
@@ -62,7 +65,7 @@ BUDGETS = {
     # bfloat16, all blocks, 6 measured windows of 5 steps a side.
     "table": dict(_COMMON, models=TWO_MODELS, num_layers=-1, batch_size=8, seq_len=1023, window_steps=5,
                   warmup_windows=1, windows=6, grad_batches=2, grad_rows=4, dtype="bfloat16", max_chars=6000,
-                  window_timeout=120.0, prepare_group=3),
+                  window_timeout=120.0, prepare_group=1),
 }
 
 
