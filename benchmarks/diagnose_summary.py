@@ -6,8 +6,10 @@
 smi.csv (nvidia-smi every 200 ms): busy samples, their SM clock range, peak power, clock-event
 reasons. optimized.json (`kernel_lab.stage3 --repeat N --json`): per side, every measured window's
 process CPU seconds per wall second and the training thread's share of them. --windows: from the
-window lines a log prints (`... lora window 2/6 candidate 31930.5 tok/s ... (0.52 s, cpu 0.56 s)`), per
-model, fine-tune type and side the median tokens/s, wall and CPU seconds of a window and CPU per wall.
+window lines a log prints (`... lora window 2/6 candidate 31930.5 tok/s 4.4 GB ... (0.52 s, cpu 0.56 s)`),
+per model, fine-tune type and side the median tokens/s, peak GB, wall and CPU seconds of a window and
+CPU per wall. CPU per wall alone does not say whether the host or the GPU set the pace: the process's
+CPU time also counts spinning on the GPU (profile_step.py shows ~100% on steps that are surely GPU-bound).
 """
 
 import csv
@@ -47,21 +49,22 @@ def host_shares(path):
     return "\n".join(lines)
 
 
-WINDOW = re.compile(r"^\s+(\S+) (lora|dora) window \d+/\d+ (\S+)\s+([\d.]+) tok/s.*"
+WINDOW = re.compile(r"^\s+(\S+) (lora|dora) window \d+/\d+ (\S+)\s+([\d.]+) tok/s\s+([\d.]+) GB.*"
                     r"\(([\d.]+) s, cpu ([\d.]+) s\)")
 
 
 def window_lines(path):
-    """Per (model, type, side) of a log's measured windows: medians of tokens/s, wall, CPU, CPU/wall."""
+    """Per (model, type, side) of a log's measured windows: medians of tokens/s, peak GB, wall, CPU,
+    CPU/wall."""
     rows = {}
     for line in Path(path).read_text().splitlines():
         m = WINDOW.match(line)
         if m:
-            tps, wall, cpu = map(float, m.group(4, 5, 6))
-            rows.setdefault(m.group(1, 2, 3), []).append((tps, wall, cpu, cpu / wall))
+            tps, peak, wall, cpu = map(float, m.group(4, 5, 6, 7))
+            rows.setdefault(m.group(1, 2, 3), []).append((tps, peak, wall, cpu, cpu / wall))
     return [f"{model} {ftt} {side}: {len(ws)} windows, median {statistics.median(w[0] for w in ws):.0f} "
-            f"tok/s, {statistics.median(w[1] for w in ws):.3f} s wall, {statistics.median(w[2] for w in ws):.3f} "
-            f"s CPU, CPU/wall {statistics.median(w[3] for w in ws):.2f}"
+            f"tok/s, {statistics.median(w[1] for w in ws):.2f} GB, {statistics.median(w[2] for w in ws):.3f} s wall, "
+            f"{statistics.median(w[3] for w in ws):.3f} s CPU, CPU/wall {statistics.median(w[4] for w in ws):.2f}"
             for (model, ftt, side), ws in rows.items()]
 
 

@@ -44,5 +44,5 @@ def test_window_lines(tmp_path):
         "  smollm2-135m-q4 lora window 2/6 candidate              20000.0 tok/s   5.010 GB loss 2.4 (0.80 s, cpu 0.80 s)\n"
         "  smollm2-135m-q4 lora window 3/6 candidate              30000.0 tok/s   5.010 GB loss 2.4 (0.60 s, cpu 0.66 s)\n")
     assert script.window_lines(log) == [
-        "smollm2-135m-q4 lora stock: 1 windows, median 30000 tok/s, 0.500 s wall, 0.400 s CPU, CPU/wall 0.80",
-        "smollm2-135m-q4 lora candidate: 3 windows, median 30000 tok/s, 0.600 s wall, 0.660 s CPU, CPU/wall 1.10"]
+        "smollm2-135m-q4 lora stock: 1 windows, median 30000 tok/s, 6.25 GB, 0.500 s wall, 0.400 s CPU, CPU/wall 0.80",
+        "smollm2-135m-q4 lora candidate: 3 windows, median 30000 tok/s, 5.01 GB, 0.600 s wall, 0.660 s CPU, CPU/wall 1.10"]
