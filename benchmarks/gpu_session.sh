@@ -14,7 +14,7 @@
 # and JSON under OUT/<section>/. "Cold": MLX's kernel cache (MLX_PTX_CACHE_DIR) and the CUDA
 # driver's (CUDA_CACHE_PATH) start empty, as on a new machine; "warm": the same caches again.
 # Narrower runs: PROFILE_MODELS (profiles), VARIANT_BASES (variants), LEGIT_SEEDS (legit); other
-# programs: CANDIDATES and CANDIDATE_ROWS (candidates), TABLE_PROGRAMS (table), EVAL_PROGRAMS (evaluate).
+# programs: CANDIDATES, CANDIDATE_ROWS and CANDIDATE_BATCH (candidates: 8 rows, or 4 as stage 3), TABLE_PROGRAMS (table), EVAL_PROGRAMS (evaluate).
 set -u
 out=$1; shift
 mkdir -p "$out"
@@ -62,11 +62,12 @@ for section in "$@"; do
         $out/$section/$n.log | cut -c1-400 | tr '\n' ' '; echo
     done ;;
   candidates)  # one process per program and row, programs side by side within a row
+    b=${CANDIDATE_BATCH:-8}  # rows of 1023 tokens: 8 as the table, 4 as stage 3
     for row in ${CANDIDATE_ROWS:-smollm2-135m-q4:lora smollm2-135m-q4:dora qwen2.5-coder-0.5b-q4:lora qwen2.5-coder-0.5b-q4:dora}; do
       m=${row%%:*} t=${row##*:}
       for p in none ${CANDIDATES:-examples/optimized_program.py}; do
-        n=${m%%-*}_${t}_$(basename $p .py); stamp "step $m $t $p"
-        python benchmarks/profile_step.py --model $m --fine-tune-type $t --program $p --length 1023 \
+        n=${m%%-*}_${t}_$(basename $p .py)$([ $b = 8 ] || echo _b$b); stamp "step $m $t $p, ${b}x1023"
+        python benchmarks/profile_step.py --model $m --fine-tune-type $t --program $p --batch $b --length 1023 \
           --dtype bfloat16 --clear-cache --no-parts --json $out/$section/$n.json > $out/$section/$n.log 2>&1
         grep -E "^(step|graph|kept|of which)|Error" $out/$section/$n.log | cut -c1-240
       done
